@@ -1,0 +1,123 @@
+"""Captioner: an image-grounded text decoder (BLIP or BLIP-2) that writes synthetic captions for a batch of images.
+
+Defaults are BLIP's CapFilt settings (salesforce/BLIP `generate`): prompt "a picture of " stripped from the
+output, nucleus sampling with top_p 0.9, top_k 50 and repetition penalty 1.1, lengths 10..30 tokens counted
+with the prompt. Beam search uses 3 beams and no repetition penalty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from transformers import Blip2ForConditionalGeneration, BlipForConditionalGeneration
+
+from capfilt.checkpoint import ImageTransform, check_dtype, load_image_transform, load_model, load_tokenizer
+from capfilt.errors import CapfiltError
+
+Sampling = Literal["nucleus", "beam", "greedy"]
+CAPTIONER_CLASSES = {"blip": BlipForConditionalGeneration, "blip-2": Blip2ForConditionalGeneration}
+
+
+@dataclass(frozen=True)
+class CaptionerConfig:
+    model: str
+    sampling: Sampling = "nucleus"
+    num_captions: int = 1
+    top_p: float = 0.9
+    top_k: int = 50
+    num_beams: int = 3
+    repetition_penalty: float | None = None  # None: 1.1 for nucleus, 1.0 otherwise (BLIP's choices)
+    max_length: int = 30
+    min_length: int = 10
+    prompt: str = "a picture of "
+    device: str = "auto"
+    dtype: str = "fp32"
+
+    def __post_init__(self):
+        check_dtype(self.dtype)
+        if self.sampling not in ("nucleus", "beam", "greedy"):
+            raise CapfiltError(f"unknown sampling {self.sampling!r}: choose nucleus, beam or greedy")
+        if self.num_captions < 1:
+            raise CapfiltError("--num-captions must be at least 1")
+        if self.sampling == "greedy" and self.num_captions > 1:
+            raise CapfiltError("greedy decoding gives one caption per image: use nucleus or beam for --num-captions > 1")
+        if self.sampling == "beam" and self.num_beams < self.num_captions:
+            raise CapfiltError(f"--num-beams ({self.num_beams}) must be at least --num-captions ({self.num_captions})")
+        if not 0.0 < self.top_p <= 1.0:
+            raise CapfiltError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_length <= self.max_length:
+            raise CapfiltError(f"need 0 <= --min-length <= --max-length, got {self.min_length} and {self.max_length}")
+
+    def generation_kwargs(self, prompt_tokens: int) -> dict:
+        """Arguments for `generate`; BLIP counts min/max length with the prompt, so they are converted to
+        new-token counts here (the same rule then holds for BLIP-2, whose prompt sits behind the queries)."""
+        max_new = self.max_length - prompt_tokens
+        if max_new < 1:
+            raise CapfiltError(f"--max-length {self.max_length} leaves no room after the {prompt_tokens}-token prompt")
+        kwargs = {"max_new_tokens": max_new, "min_new_tokens": max(0, self.min_length - prompt_tokens)}
+        if self.sampling == "nucleus":
+            kwargs.update(do_sample=True, top_p=self.top_p, top_k=self.top_k, num_beams=1)
+            kwargs["repetition_penalty"] = 1.1 if self.repetition_penalty is None else self.repetition_penalty
+        else:
+            kwargs.update(do_sample=False, num_beams=self.num_beams if self.sampling == "beam" else 1)
+            kwargs["repetition_penalty"] = 1.0 if self.repetition_penalty is None else self.repetition_penalty
+        kwargs["num_return_sequences"] = self.num_captions
+        return kwargs
+
+
+class Captioner:
+    """`captioner(pixel_values, seed)` -> for each image, `num_captions` synthetic captions (prompt removed).
+
+    pixel_values: (B, 3, H, W) from `self.image_transform`. Built once at the entry point; touches no paths.
+    """
+
+    def __init__(self, config: CaptionerConfig):
+        self.config = config
+        self.model = load_model(config.model, "captioner", CAPTIONER_CLASSES, config.device, config.dtype)
+        self.tokenizer = load_tokenizer(config.model, "captioner")
+        self.is_blip2 = self.model.config.model_type == "blip-2"
+        self.image_transform: ImageTransform = load_image_transform(
+            config.model, self.model.config.vision_config.image_size
+        )
+        self.prefix = self._prompt_prefix()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def _prompt_prefix(self) -> list[int]:
+        """Token ids that precede generation. BLIP: `[DEC]` then the prompt (HF's generate swaps in `[DEC]` for
+        `[CLS]` and drops the final `[SEP]`). BLIP-2: the prompt as its LLM's tokenizer encodes it, as
+        Blip2Processor does; the query placeholders go in front at call time."""
+        ids = self.tokenizer(self.config.prompt).input_ids
+        if self.is_blip2:
+            if getattr(self.model.config, "image_token_index", None) is None:
+                raise CapfiltError(f"captioner {self.config.model!r}: BLIP-2 config lacks image_token_index")
+            return list(ids)
+        return [self.model.config.text_config.bos_token_id] + list(ids[1:-1])
+
+    @torch.inference_mode()
+    def __call__(self, pixel_values: torch.Tensor, seed: int | None = None) -> list[list[str]]:
+        batch = pixel_values.shape[0]
+        pixel_values = pixel_values.to(self.device, self.model.dtype, non_blocking=True)
+        if seed is not None:
+            torch.manual_seed(seed)
+        prefix = torch.tensor([self.prefix], device=self.device).repeat(batch, 1)
+        kwargs = self.config.generation_kwargs(prompt_tokens=len(self.prefix))
+        if self.is_blip2:
+            queries = self.model.config.num_query_tokens
+            image_tokens = torch.full((batch, queries), self.model.config.image_token_index, device=self.device)
+            input_ids = torch.cat([image_tokens, prefix], dim=1)
+            out = self.model.generate(pixel_values, input_ids=input_ids, **kwargs)
+            # Decoder-only LLMs echo the input ids; encoder-decoder ones (Flan-T5) return only new tokens.
+            if not self.model.config.text_config.is_encoder_decoder:
+                out = out[:, input_ids.shape[1] :]
+        else:
+            # HF BLIP's generate replaces position 0 with [DEC] and drops the last position (the [SEP]).
+            input_ids = torch.cat([prefix, prefix[:, :1]], dim=1)
+            out = self.model.generate(pixel_values, input_ids=input_ids, **kwargs)[:, len(self.prefix) :]
+        texts = [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        k = self.config.num_captions
+        return [texts[i * k : (i + 1) * k] for i in range(batch)]

@@ -1,0 +1,97 @@
+"""Loading a captioner or filter checkpoint (Hub id or local directory) with one-line errors for user mistakes."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from transformers import AutoConfig, logging as hf_logging, AutoProcessor, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+from capfilt.errors import CapfiltError
+
+hf_logging.disable_progress_bar()  # capfilt shows its own progress; a bar per weight file is noise
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise CapfiltError(f"unknown device {device!r}: {exc}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise CapfiltError(f"device {device!r} asked for, but no CUDA GPU is visible")
+    return resolved
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise CapfiltError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+
+
+def _looks_local(name: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else is a path the user meant to exist.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def load_model(name: str, role: str, classes: dict[str, type[PreTrainedModel]], device: str, dtype: str):
+    """Load `name` with the class that `classes` maps its `model_type` to; refuse checkpoints of the wrong head."""
+    config = _load_config(name, role)
+    cls = classes.get(config.model_type)
+    if cls is None:
+        kinds = ", ".join(c.__name__ for c in classes.values())
+        raise CapfiltError(f"{role} {name!r} is a {config.model_type!r} checkpoint; {role} needs one of: {kinds}")
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and cls.__name__ not in architectures:
+        raise CapfiltError(f"{role} {name!r} holds a {architectures[0]}, not the {cls.__name__} that {role} needs")
+    model = cls.from_pretrained(name, dtype=DTYPES[dtype])
+    return model.to(resolve_device(device)).eval()
+
+
+def _load_config(name: str, role: str) -> PretrainedConfig:
+    if _looks_local(name) and not os.path.isdir(os.path.expanduser(name)):
+        raise CapfiltError(f"{role} {name!r}: no such model directory")
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CapfiltError(f"{role} {name!r} cannot be loaded: {first_line}") from None
+
+
+def load_tokenizer(name: str, role: str):
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, TypeError) as exc:
+        raise CapfiltError(f"{role} {name!r} has no usable tokenizer: {str(exc).splitlines()[0]}") from None
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Picklable image preprocessing (runs in DataLoader workers): PIL images -> (B, 3, H, W) float32."""
+
+    processor: BlipImageProcessorPil
+
+    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
+        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+
+    @property
+    def signature(self) -> str:
+        """Equal signatures mean identical preprocessing, so captioner and filter can share one tensor."""
+        return self.processor.to_json_string()
+
+
+def load_image_transform(name: str, image_size: int) -> ImageTransform:
+    """The checkpoint's own image processor; BLIP's (bicubic resize, CLIP mean/std) at the config's size if absent."""
+    try:
+        processor = AutoProcessor.from_pretrained(name)
+        image_processor = getattr(processor, "image_processor", processor)
+        if callable(image_processor) and hasattr(image_processor, "to_json_string"):
+            return ImageTransform(image_processor)
+    except (OSError, ValueError, TypeError):
+        pass
+    return ImageTransform(BlipImageProcessorPil(size={"height": image_size, "width": image_size}))

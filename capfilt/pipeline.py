@@ -1,0 +1,240 @@
+"""The CapFilt run: shards in, captioner and/or filter over batches, cleaned shards out; resumable.
+
+`run` is the one entry point behind `capfilt caption`, `filter` and `bootstrap`. The captioner and scorer are
+built by the caller and passed in; this module only routes batches between the reader, the models and the
+writers, and keeps the per-shard books.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from capfilt import reader
+from capfilt.captioner import Captioner
+from capfilt.errors import CapfiltError
+from capfilt.reader import Batch, Sample, ShardEnd, ShardStream
+from capfilt.scorer import Scorer
+from capfilt.selection import SelectionConfig, select, unique_candidates
+from capfilt.text import clean_caption
+from capfilt.writer import DROPPED, ERROR, OK, ShardWriter, prepare_output, stats_path
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    specs: tuple[str, ...]
+    out: str
+    batch_size: int = 16
+    workers: int = 2
+    seed: int | None = 0
+    clean_text: bool = False
+    overwrite: bool = False
+    retries: int = 2
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise CapfiltError("--batch-size must be at least 1")
+        if self.workers < 0:
+            raise CapfiltError("--workers must be 0 (decode in the main process) or more")
+        if self.retries < 0:
+            raise CapfiltError("--retries must be 0 or more")
+
+
+@dataclass
+class RunSummary:
+    """What this invocation did; `capfilt.stats.summarize(out)` reports on the whole output."""
+
+    out: str
+    shards_total: int
+    shards_skipped: int  # already done by an earlier run
+    shards_done: int = 0
+    shards_failed: dict[str, str] = field(default_factory=dict)
+    samples: int = 0
+    written: int = 0
+    duration_s: float = 0.0
+
+    def add(self, stats: dict[str, Any]) -> None:
+        self.shards_done += 1
+        self.samples += stats["samples"]
+        self.written += stats["written"]
+
+
+def batch_seed(seed: int, shard: str, index: int) -> int:
+    """A seed that depends only on (seed, shard, batch): a shard's captions do not depend on which run,
+    worker or process produced them, so a resumed run reproduces an uninterrupted one byte for byte."""
+    digest = hashlib.sha256(f"{seed}/{shard}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def run(
+    config: RunConfig,
+    captioner: Captioner | None = None,
+    scorer: Scorer | None = None,
+    selection: SelectionConfig | None = None,
+) -> RunSummary:
+    if captioner is None and scorer is None:
+        raise CapfiltError("nothing to do: give a captioner, a filter, or both")
+    selection = selection or SelectionConfig()
+    urls = reader.expand_specs(config.specs)
+    out = Path(config.out)
+    prepare_output(out, _settings(config, captioner, scorer, selection), config.overwrite)
+    todo = [u for u in urls if not stats_path(out, reader.shard_name(u)).exists()]
+    summary = RunSummary(out=str(out), shards_total=len(urls), shards_skipped=len(urls) - len(todo))
+    if not todo:
+        return summary
+
+    transforms, captioner_key, scorer_key = _shared_transforms(captioner, scorer)
+    stream = ShardStream(todo, transforms, config.batch_size, retries=config.retries)
+    device = (captioner or scorer).device
+    started = time.perf_counter()
+    open_shards: dict[str, _OpenShard] = {}
+    bar = tqdm(unit="img", desc=f"shards 0/{len(todo)}", disable=not config.progress, file=sys.stderr)
+    try:
+        for item in reader.stream_batches(stream, config.workers, pin_memory=device.type == "cuda"):
+            if isinstance(item, ShardEnd):
+                shard = open_shards.pop(item.shard, None) or _OpenShard(ShardWriter(out, item.shard))
+                if item.failed:
+                    shard.writer.abort()
+                    summary.shards_failed[item.shard] = item.failed
+                else:
+                    summary.add(shard.commit())
+                bar.set_description(f"shards {summary.shards_done + len(summary.shards_failed)}/{len(todo)}")
+                continue
+            shard = open_shards.get(item.shard)
+            if shard is None:
+                shard = open_shards[item.shard] = _OpenShard(ShardWriter(out, item.shard))
+            _process(item, shard.writer, captioner, scorer, selection, config, captioner_key, scorer_key)
+            bar.update(len(item.samples))
+            stats = shard.writer.stats
+            bar.set_postfix(keep=f"{(summary.written + stats.written) / max(1, bar.n):.0%}", refresh=False)
+    finally:
+        for shard in open_shards.values():  # interrupted: leave no half-written shard behind
+            shard.writer.abort()
+        bar.close()
+    summary.duration_s = time.perf_counter() - started
+    return summary
+
+
+@dataclass
+class _OpenShard:
+    writer: ShardWriter
+    started: float = field(default_factory=time.perf_counter)
+
+    def commit(self) -> dict[str, Any]:
+        duration = time.perf_counter() - self.started
+        rate = self.writer.stats.samples / duration if duration > 0 else 0.0
+        return self.writer.commit({"duration_s": round(duration, 3), "samples_per_s": round(rate, 2)})
+
+
+def _shared_transforms(captioner, scorer):
+    """One preprocessing per distinct image processor: captioner and filter share a tensor when they agree."""
+    transforms: dict[str, Any] = {}
+    keys = []
+    for model in (captioner, scorer):
+        if model is None:
+            keys.append(None)
+            continue
+        key = model.image_transform.signature
+        transforms.setdefault(key, model.image_transform)
+        keys.append(key)
+    return transforms, keys[0], keys[1]
+
+
+def _settings(config: RunConfig, captioner, scorer, selection: SelectionConfig) -> dict[str, Any]:
+    """What makes two runs' outputs comparable; a resume must match it exactly."""
+    settings: dict[str, Any] = {"batch_size": config.batch_size, "seed": config.seed, "clean_text": config.clean_text}
+    if captioner is not None:
+        settings["captioner"] = {k: v for k, v in captioner.config.__dict__.items() if k != "device"}
+    if scorer is not None:
+        settings["filter"] = {k: v for k, v in scorer.config.__dict__.items() if k != "device"}
+        settings["selection"] = dict(selection.__dict__)
+    return settings
+
+
+def _process(
+    batch: Batch,
+    writer: ShardWriter,
+    captioner: Captioner | None,
+    scorer: Scorer | None,
+    selection: SelectionConfig,
+    config: RunConfig,
+    captioner_key: str | None,
+    scorer_key: str | None,
+) -> None:
+    stats = writer.stats
+    good: list[Sample] = []
+    for sample in batch.samples:
+        if sample.key:
+            stats.samples += 1
+        if sample.error is None and config.clean_text:
+            sample.web_caption = clean_caption(sample.web_caption)
+            sample.synthetic = [clean_caption(s) for s in sample.synthetic]
+            if not sample.web_caption:
+                sample.error, sample.detail = reader.MISSING_CAPTION, "caption empty after --clean-text"
+        if sample.error is None:
+            good.append(sample)
+
+    rows = [s.pixel_row for s in good]
+    new_captions: list[list[str]] = [[] for _ in good]
+    if captioner is not None and good:
+        pixels = batch.pixels[captioner_key][rows]
+        seed = None if config.seed is None else batch_seed(config.seed, batch.shard, batch.index)
+        new_captions = captioner(pixels, seed=seed)
+        if config.clean_text:
+            new_captions = [[clean_caption(c) for c in caps] for caps in new_captions]
+        stats.synthetic_generated += sum(len(c) for c in new_captions)
+    candidates = [unique_candidates(s.web_caption, s.synthetic + new) for s, new in zip(good, new_captions)]
+    if scorer is not None and good:
+        scores = scorer(batch.pixels[scorer_key][rows], [[c.caption for c in cands] for cands in candidates])
+        for cands, row in zip(candidates, scores):
+            for c, score in zip(cands, row):
+                c.score = score
+            stats.captions_scored += len(cands)
+
+    by_key = {id(s): c for s, c in zip(good, candidates)}
+    for sample in batch.samples:
+        if sample.error is not None:
+            stats.count_error(sample.error)
+            writer.add_row(key=sample.key, status=ERROR, reason=sample.error, detail=sample.detail,
+                           web_caption=sample.web_caption)
+            continue
+        cands = by_key[id(sample)]
+        kept = select(cands, selection) if scorer is not None else cands
+        web = cands[0]
+        synthetic = [c for c in cands if c.source == "synthetic"]
+        row = dict(key=sample.key, web_caption=web.caption, web_score=web.score,
+                   synthetic_captions=[c.caption for c in synthetic],
+                   synthetic_scores=[c.score for c in synthetic] if scorer is not None else None,
+                   kept_captions=[c.caption for c in kept] if scorer is not None else None)
+        if not kept:
+            stats.dropped += 1
+            writer.add_row(status=DROPPED, reason="all_captions_below_threshold", **row)
+            continue
+        stats.written += 1
+        if scorer is not None:
+            stats.web_kept += int(bool(web.kept))
+            stats.synthetic_kept += sum(bool(c.kept) for c in synthetic)
+        writer.write_sample(sample.key, sample.image, sample.image_ext, kept[0].caption,
+                            _output_meta(sample, cands, captioner, scorer, selection))
+        writer.add_row(status=OK, **row)
+
+
+def _output_meta(sample: Sample, cands, captioner, scorer, selection: SelectionConfig) -> dict[str, Any]:
+    previous = sample.meta.get("capfilt") or {}
+    capfilt: dict[str, Any] = {
+        "candidates": [{"caption": c.caption, "source": c.source, "score": c.score, "kept": c.kept} for c in cands],
+        "captioner": captioner.config.model if captioner is not None else previous.get("captioner"),
+        "filter": scorer.config.model if scorer is not None else None,
+    }
+    if scorer is not None:
+        capfilt.update(policy=selection.policy, threshold=selection.threshold)
+        if selection.policy == "blip2":
+            capfilt["keep_top"] = selection.keep_top
+    return {**sample.meta, "capfilt": capfilt}

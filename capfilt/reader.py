@@ -1,0 +1,308 @@
+"""Shard reader: expand shard specs, stream tar members into samples, decode and preprocess in DataLoader workers.
+
+Everything that can be wrong with input data becomes a `Sample` with an `error` reason code instead of an
+exception, so one bad image, caption or tar never takes good samples down with it.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import tarfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext
+
+from capfilt.errors import CapfiltError
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+# Reason codes a user sees in the parquet `reason` column and in the stats.
+NO_IMAGE = "no_image"
+CORRUPT_IMAGE = "corrupt_image"
+MISSING_CAPTION = "missing_caption"
+CAPTION_NOT_UTF8 = "caption_not_utf8"
+BAD_JSON = "bad_json"
+EMPTY_TAR = "empty_tar"
+TRUNCATED_TAR = "truncated_tar"
+UNREADABLE_TAR = "unreadable_tar"
+
+
+# ----------------------------------------------------------------------------------------------- specs
+
+
+def _is_url(spec: str) -> bool:
+    return spec.startswith("pipe:") or "://" in spec
+
+
+def expand_specs(specs: Sequence[str]) -> list[str]:
+    """Turn user shard specs (files, directories, globs, brace patterns, URLs, `pipe:`) into shard URLs.
+
+    Order is kept (and sorted within a directory or glob) so that a rerun sees the shards in the same order.
+    Raises CapfiltError when a spec matches nothing or two shards would write the same output name.
+    """
+    urls: list[str] = []
+    for spec in specs:
+        expanded = list(wds.shardlists.expand_urls(spec)) if "{" in spec else [spec]
+        for item in expanded:
+            if _is_url(item):
+                urls.append(item)
+            elif os.path.isdir(item):
+                found = sorted(p for p in glob.glob(os.path.join(item, "*")) if p.endswith(SHARD_SUFFIXES))
+                if not found:
+                    raise CapfiltError(f"no input matched: directory {item!r} holds no .tar shards")
+                urls.extend(found)
+            elif glob.has_magic(item):
+                found = sorted(glob.glob(item))
+                if not found:
+                    raise CapfiltError(f"no input matched: {item!r}")
+                urls.extend(found)
+            elif os.path.isfile(item):
+                urls.append(item)
+            else:
+                raise CapfiltError(f"no input matched: {item!r} does not exist")
+    if not urls:
+        raise CapfiltError("no input matched: give at least one shard, directory, glob or URL")
+    seen: dict[str, str] = {}
+    for url in urls:
+        name = shard_name(url)
+        if name in seen and seen[name] != url:
+            raise CapfiltError(f"two input shards would write the same output {name!r}: {seen[name]} and {url}")
+        seen[name] = url
+    return list(dict.fromkeys(urls))
+
+
+def shard_name(url: str) -> str:
+    """Output base name of a shard: its file name without the tar suffix (`pipe:` commands: the last word)."""
+    base = url.split()[-1] if url.startswith("pipe:") else url
+    base = base.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
+    for suffix in SHARD_SUFFIXES:
+        if base.endswith(suffix):
+            return base[: -len(suffix)]
+    return base
+
+
+# ----------------------------------------------------------------------------------------------- samples
+
+
+@dataclass
+class Sample:
+    """One input sample as read from a shard. `error` is a reason code when it cannot be used."""
+
+    key: str
+    image: bytes | None = None
+    image_ext: str = "jpg"
+    web_caption: str | None = None
+    synthetic: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    detail: str = ""
+    pixel_row: int | None = None  # row of this sample's image in its Batch's pixel tensors
+
+
+def parse_sample(raw: dict[str, Any]) -> Sample:
+    """Pick the image member, the web caption and any earlier synthetic captions out of a grouped tar sample."""
+    sample = Sample(key=raw["__key__"])
+    ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+    if ext is None:
+        return _fail(sample, NO_IMAGE, f"members: {sorted(k for k in raw if not k.startswith('__'))}")
+    sample.image, sample.image_ext = raw[ext], ext
+
+    if "json" in raw:
+        try:
+            meta = json.loads(raw["json"].decode("utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError("json member is not an object")
+        except (UnicodeDecodeError, ValueError) as exc:
+            return _fail(sample, BAD_JSON, str(exc))
+        sample.meta = meta
+
+    # A shard written by `capfilt caption` carries its candidates; its web caption is the one marked `web`.
+    candidates = (sample.meta.get("capfilt") or {}).get("candidates") or []
+    web = [c["caption"] for c in candidates if c.get("source") == "web"]
+    sample.synthetic = [c["caption"] for c in candidates if c.get("source") == "synthetic"]
+    if web:
+        sample.web_caption = web[0]
+    elif "txt" in raw:
+        try:
+            sample.web_caption = raw["txt"].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return _fail(sample, CAPTION_NOT_UTF8, str(exc))
+    elif isinstance(sample.meta.get("caption"), str):
+        sample.web_caption = sample.meta["caption"]
+    if not sample.web_caption or not sample.web_caption.strip():
+        return _fail(sample, MISSING_CAPTION, "no txt member and no caption in json")
+    sample.web_caption = sample.web_caption.strip()
+    return sample
+
+
+def _fail(sample: Sample, reason: str, detail: str) -> Sample:
+    sample.error, sample.detail, sample.image = reason, detail, None
+    return sample
+
+
+def read_shard(url: str) -> Iterator[Sample]:
+    """Stream a shard's samples in order. A truncated, empty or unreadable tar ends with one error sample
+    (key "") carrying the reason; everything read before the damage is still yielded.
+
+    Raises only when the shard cannot be opened at all (missing file, network), which the caller retries.
+    """
+    stream = wds.gopen(url, "rb")
+    members = 0
+    current: dict[str, Any] | None = None
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                key, ext = base_plus_ext(info.name)
+                if key is None:
+                    continue
+                data = tar.extractfile(info).read()
+                members += 1
+                if current is not None and current["__key__"] != key:
+                    yield parse_sample(current)
+                    current = None
+                if current is None:
+                    current = {"__key__": key}
+                current[ext.lower()] = data
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        reason = TRUNCATED_TAR if members else (EMPTY_TAR if "empty" in str(exc) else UNREADABLE_TAR)
+        if current is not None and reason == TRUNCATED_TAR:
+            # The sample being read when the tar broke may have lost members: it is not trustworthy.
+            yield Sample(key=current["__key__"], error=TRUNCATED_TAR, detail="sample cut by the end of the tar")
+            current = None
+        yield Sample(key="", error=reason, detail=f"{type(exc).__name__}: {exc}")
+    finally:
+        stream.close()
+    if current is not None:
+        yield parse_sample(current)
+    elif members == 0:
+        yield Sample(key="", error=EMPTY_TAR, detail="the tar holds no members")
+
+
+# ----------------------------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Batch:
+    """Consecutive samples of one shard, in input order. `pixels[name]` is (n_ok, 3, H, W) float32 for the
+    samples without `error`, in order, one tensor per distinct image transform."""
+
+    shard: str
+    index: int
+    samples: list[Sample]
+    pixels: dict[str, torch.Tensor]
+
+
+@dataclass
+class ShardEnd:
+    """Marks that a shard has been read completely (`failed` is None) or could not be opened."""
+
+    shard: str
+    failed: str | None = None
+
+
+ImageTransform = Callable[[list[Image.Image]], torch.Tensor]
+
+
+def decode_image(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    return image.convert("RGB")  # forces the full decode, so a truncated JPEG fails here and not later
+
+
+class ShardStream(IterableDataset):
+    """Reads shards and yields `Batch`es and `ShardEnd`s. With DataLoader workers, each worker owns whole
+    shards (shard i goes to worker i mod n), so decoding runs in parallel and a batch never mixes shards."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        transforms: dict[str, ImageTransform],
+        batch_size: int,
+        retries: int = 2,
+        retry_wait_s: float = 1.0,
+    ):
+        self.urls, self.transforms, self.batch_size = list(urls), transforms, batch_size
+        self.retries, self.retry_wait_s = retries, retry_wait_s
+
+    def __iter__(self) -> Iterator[Batch | ShardEnd]:
+        info = get_worker_info()
+        mine = self.urls if info is None else self.urls[info.id :: info.num_workers]
+        for url in mine:
+            yield from self._read_with_retries(url)
+
+    def _read_with_retries(self, url: str) -> Iterator[Batch | ShardEnd]:
+        name = shard_name(url)
+        for attempt in range(self.retries + 1):
+            samples = read_shard(url)
+            try:
+                first = next(samples, None)
+            except Exception as exc:  # cannot open: missing file, network, failing pipe command
+                if attempt == self.retries:
+                    yield ShardEnd(name, failed=f"{type(exc).__name__}: {exc}")
+                    return
+                time.sleep(self.retry_wait_s * 2**attempt)
+                continue
+            if first is not None:
+                yield from self._batches(name, _chain(first, samples))
+            yield ShardEnd(name)
+            return
+
+    def _batches(self, name: str, samples: Iterator[Sample]) -> Iterator[Batch]:
+        pending: list[Sample] = []
+        images: list[Image.Image] = []
+        index = 0
+        for sample in samples:
+            if sample.error is None:
+                try:
+                    images.append(decode_image(sample.image))
+                    sample.pixel_row = len(images) - 1
+                except Exception as exc:  # PIL raises many types for bad bytes
+                    sample.error, sample.detail = CORRUPT_IMAGE, f"{type(exc).__name__}: {exc}"
+            pending.append(sample)
+            if len(images) == self.batch_size:
+                yield self._batch(name, index, pending, images)
+                pending, images, index = [], [], index + 1
+        if pending:
+            yield self._batch(name, index, pending, images)
+
+    def _batch(self, name: str, index: int, samples: list[Sample], images: list[Image.Image]) -> Batch:
+        pixels = {key: transform(images) for key, transform in self.transforms.items()} if images else {}
+        for sample in samples:
+            if sample.error is not None:
+                sample.image = None  # nothing downstream needs the bytes of a failed sample
+        return Batch(name, index, samples, pixels)
+
+
+def _chain(first: Sample, rest: Iterator[Sample]) -> Iterator[Sample]:
+    yield first
+    yield from rest
+
+
+def _identity(item):
+    return item
+
+
+def stream_batches(stream: ShardStream, workers: int, pin_memory: bool = False) -> Iterator[Batch | ShardEnd]:
+    """Run a ShardStream through a DataLoader so decoding and preprocessing overlap with model compute."""
+    workers = min(workers, len(stream.urls))
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=_identity,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+    return iter(loader)

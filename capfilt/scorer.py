@@ -1,0 +1,120 @@
+"""Filter scorer: P(match) from an image-text matching head (BLIP or BLIP-2) for every caption of every image.
+
+Each image goes through the vision tower once; its embedding is then shared by all of its captions, so K+1
+captions cost one ViT pass and K+1 passes of the (much smaller) text encoder or Q-Former.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import Blip2ForImageTextRetrieval, BlipForImageTextRetrieval
+
+from capfilt.checkpoint import ImageTransform, check_dtype, load_image_transform, load_model, load_tokenizer
+from capfilt.errors import CapfiltError
+
+SCORER_CLASSES = {"blip": BlipForImageTextRetrieval, "blip-2": Blip2ForImageTextRetrieval}
+ENC_TOKEN = "[ENC]"
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    model: str
+    max_text_length: int | None = None  # None: 35 tokens for BLIP (its ITM training), 32 for BLIP-2's Q-Former
+    device: str = "auto"
+    dtype: str = "fp32"
+
+    def __post_init__(self):
+        check_dtype(self.dtype)
+        if self.max_text_length is not None and self.max_text_length < 2:
+            raise CapfiltError("--max-text-length must be at least 2")
+
+
+def enc_token_id(tokenizer, vocab_size: int) -> int:
+    """The id of BLIP's `[ENC]` token. BLIP's tokenizer is bert-base-uncased plus `[DEC]` (bos) and `[ENC]`, in
+    that order; HF's BLIP tokenizers may omit `[ENC]` while the embedding matrix keeps its row, right after
+    the tokenizer's last token."""
+    token_id = tokenizer.convert_tokens_to_ids(ENC_TOKEN)
+    if token_id is not None and token_id != tokenizer.unk_token_id:
+        return token_id
+    if vocab_size == len(tokenizer) + 1:
+        return len(tokenizer)
+    raise CapfiltError(
+        f"filter tokenizer has no {ENC_TOKEN} token and its text embeddings ({vocab_size}) leave no slot for one"
+    )
+
+
+class Scorer:
+    """`scorer(pixel_values, texts)` -> P(match) per caption, shaped like `texts`.
+
+    pixel_values: (B, 3, H, W) from `self.image_transform`; texts: B lists of captions (any lengths).
+    """
+
+    def __init__(self, config: ScorerConfig):
+        self.config = config
+        self.model = load_model(config.model, "filter", SCORER_CLASSES, config.device, config.dtype)
+        self.tokenizer = load_tokenizer(config.model, "filter")
+        self.is_blip2 = self.model.config.model_type == "blip-2"
+        self.max_text_length = config.max_text_length or (32 if self.is_blip2 else 35)
+        text_config = self.model.config.qformer_config if self.is_blip2 else self.model.config.text_config
+        self.first_token = None if self.is_blip2 else enc_token_id(self.tokenizer, text_config.vocab_size)
+        self.image_transform: ImageTransform = load_image_transform(
+            config.model, self.model.config.vision_config.image_size
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @torch.inference_mode()
+    def __call__(self, pixel_values: torch.Tensor, texts: list[list[str]]) -> list[list[float]]:
+        owner = torch.tensor([i for i, group in enumerate(texts) for _ in group], device=self.device)
+        flat = [t for group in texts for t in group]
+        if not flat:
+            return [[] for _ in texts]
+        pixel_values = pixel_values.to(self.device, self.model.dtype, non_blocking=True)
+        image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state  # (B, N, D)
+        image_embeds = image_embeds.index_select(0, owner)  # (T, N, D): one row per caption, no ViT rerun
+        tokens = self.tokenizer(
+            flat, padding="longest", truncation=True, max_length=self.max_text_length, return_tensors="pt"
+        ).to(self.device)
+        logits = self._itm_logits_blip2(image_embeds, tokens) if self.is_blip2 else self._itm_logits(image_embeds, tokens)
+        scores = logits.float().softmax(dim=-1)[:, 1].tolist()
+        out, start = [], 0
+        for group in texts:
+            out.append(scores[start : start + len(group)])
+            start += len(group)
+        return out
+
+    def _itm_logits(self, image_embeds: torch.Tensor, tokens) -> torch.Tensor:
+        """BLIP: the text encoder cross-attends to the image; its first token, `[ENC]` as in BLIP's ITM
+        training (HF's own forward leaves `[CLS]` there, transformers #25629), feeds the ITM head. (T, 2)."""
+        input_ids = tokens.input_ids.clone()
+        input_ids[:, 0] = self.first_token
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
+        hidden = self.model.text_encoder(
+            input_ids=input_ids,
+            attention_mask=tokens.attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_mask,
+        ).last_hidden_state
+        return self.model.itm_head(hidden[:, 0, :])
+
+    def _itm_logits_blip2(self, image_embeds: torch.Tensor, tokens) -> torch.Tensor:
+        """BLIP-2: queries and text share self-attention with a bidirectional mask; the queries cross-attend to
+        the image; the ITM logit is the head's output averaged over the query positions. (T, 2)."""
+        model = self.model
+        queries = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        num_queries = queries.shape[1]
+        embeds = model.embeddings(input_ids=tokens.input_ids, query_embeds=queries)
+        query_mask = torch.ones(queries.shape[:-1], dtype=tokens.attention_mask.dtype, device=self.device)
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
+        hidden = model.qformer(
+            query_embeds=embeds,
+            query_length=num_queries,
+            attention_mask=torch.cat([query_mask, tokens.attention_mask], dim=1),
+            encoder_hidden_states=image_embeds.to(queries.dtype),
+            encoder_attention_mask=image_mask,
+        ).last_hidden_state
+        return model.itm_head(hidden[:, :num_queries, :].to(model.itm_head.weight.dtype)).mean(dim=1)

@@ -1,0 +1,94 @@
+"""`capfilt stats`: totals, keep rates, score quantiles and error reasons of a finished (or partial) output."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from capfilt.errors import CapfiltError
+from capfilt.writer import STATS_SUFFIX, TMP_SUFFIX
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+@dataclass
+class OutputReport:
+    out: str
+    shards_done: int = 0
+    shards_unfinished: list[str] = field(default_factory=list)
+    samples: int = 0
+    written: int = 0
+    dropped: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    web_scored: int = 0
+    web_kept: int = 0
+    synthetic_generated: int = 0
+    synthetic_scored: int = 0
+    synthetic_kept: int = 0
+    web_score_quantiles: dict[float, float] = field(default_factory=dict)
+    synthetic_score_quantiles: dict[float, float] = field(default_factory=dict)
+
+
+def summarize(out: Path) -> OutputReport:
+    if not out.is_dir():
+        raise CapfiltError(f"{out} is not a directory")
+    report = OutputReport(out=str(out))
+    stats_files = sorted(out.glob(f"*{STATS_SUFFIX}"))
+    if not stats_files and not any(out.glob("*.tar")):
+        raise CapfiltError(f"{out} holds no capfilt output")
+    done = set()
+    web_scores, synthetic_scores = [], []
+    for path in stats_files:
+        stats = json.loads(path.read_text())
+        done.add(stats["shard"])
+        report.shards_done += 1
+        for name in ("samples", "written", "dropped", "web_kept", "synthetic_generated", "synthetic_kept"):
+            setattr(report, name, getattr(report, name) + stats[name])
+        for reason, n in stats["errors"].items():
+            report.errors[reason] = report.errors.get(reason, 0) + n
+        rows = pq.read_table(out / f"{stats['shard']}.parquet", columns=["web_score", "synthetic_scores"])
+        web = [s for s in rows.column("web_score").to_pylist() if s is not None]
+        synthetic = [s for group in rows.column("synthetic_scores").to_pylist() if group for s in group]
+        web_scores += web
+        synthetic_scores += synthetic
+    report.web_scored, report.synthetic_scored = len(web_scores), len(synthetic_scores)
+    report.web_score_quantiles = _quantiles(web_scores)
+    report.synthetic_score_quantiles = _quantiles(synthetic_scores)
+    leftovers = {p.name.split(".")[0] for p in out.iterdir() if p.name.endswith((".tar", TMP_SUFFIX))}
+    report.shards_unfinished = sorted(leftovers - done - {"capfilt_run"})
+    return report
+
+
+def _quantiles(values: list[float]) -> dict[float, float]:
+    if not values:
+        return {}
+    return {q: float(v) for q, v in zip(QUANTILES, np.quantile(np.asarray(values), QUANTILES))}
+
+
+def _rate(n: int, d: int) -> str:
+    return f"{n:,}/{d:,} ({n / d:.1%})" if d else "-"
+
+
+def format_report(r: OutputReport) -> str:
+    lines = [
+        f"output           {r.out}",
+        f"shards done      {r.shards_done}" + (f"   unfinished: {', '.join(r.shards_unfinished)}" if r.shards_unfinished else ""),
+        f"samples read     {r.samples:,}",
+        f"samples written  {_rate(r.written, r.samples)}",
+        f"samples dropped  {r.dropped:,}",
+        f"errors           {sum(r.errors.values()):,}" + "".join(f"\n  {k:<16} {v:,}" for k, v in sorted(r.errors.items())),
+    ]
+    if r.web_scored:
+        lines.append(f"web kept         {_rate(r.web_kept, r.web_scored)}")
+    if r.synthetic_generated:
+        lines.append(f"synthetic made   {r.synthetic_generated:,}")
+    if r.synthetic_scored:
+        lines.append(f"synthetic kept   {_rate(r.synthetic_kept, r.synthetic_scored)}")
+    for name, qs in (("web score", r.web_score_quantiles), ("synthetic score", r.synthetic_score_quantiles)):
+        if qs:
+            lines.append(f"{name:<16} " + "  ".join(f"p{int(q * 100)}={v:.3f}" for q, v in qs.items()))
+    return "\n".join(lines)
