@@ -95,6 +95,7 @@ def run(
     device = (captioner or scorer).device
     started = time.perf_counter()
     open_shards: dict[str, _OpenShard] = {}
+    written = 0
     bar = tqdm(unit="img", desc=f"shards 0/{len(todo)}", disable=not config.progress, file=sys.stderr)
     try:
         for item in reader.stream_batches(stream, config.workers, pin_memory=device.type == "cuda"):
@@ -110,10 +111,11 @@ def run(
             shard = open_shards.get(item.shard)
             if shard is None:
                 shard = open_shards[item.shard] = _OpenShard(ShardWriter(out, item.shard))
+            before = shard.writer.stats.written
             _process(item, shard.writer, captioner, scorer, selection, config, captioner_key, scorer_key)
+            written += shard.writer.stats.written - before
             bar.update(len(item.samples))
-            stats = shard.writer.stats
-            bar.set_postfix(keep=f"{(summary.written + stats.written) / max(1, bar.n):.0%}", refresh=False)
+            bar.set_postfix(keep=f"{written / max(1, bar.n):.0%}", refresh=False)
     finally:
         for shard in open_shards.values():  # interrupted: leave no half-written shard behind
             shard.writer.abort()

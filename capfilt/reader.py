@@ -82,8 +82,11 @@ def expand_specs(specs: Sequence[str]) -> list[str]:
 
 
 def shard_name(url: str) -> str:
-    """Output base name of a shard: its file name without the tar suffix (`pipe:` commands: the last word)."""
-    base = url.split()[-1] if url.startswith("pipe:") else url
+    """Output base name of a shard: its file name without the tar suffix (`pipe:`: the last word naming a tar)."""
+    base = url
+    if url.startswith("pipe:"):
+        words = url[len("pipe:") :].split()
+        base = next((w for w in reversed(words) if w.endswith(SHARD_SUFFIXES)), words[-1])
     base = base.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
     for suffix in SHARD_SUFFIXES:
         if base.endswith(suffix):
@@ -158,6 +161,7 @@ def read_shard(url: str) -> Iterator[Sample]:
     """
     stream = wds.gopen(url, "rb")
     members = 0
+    broken = False
     current: dict[str, Any] | None = None
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
@@ -176,6 +180,7 @@ def read_shard(url: str) -> Iterator[Sample]:
                     current = {"__key__": key}
                 current[ext.lower()] = data
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        broken = True
         reason = TRUNCATED_TAR if members else (EMPTY_TAR if "empty" in str(exc) else UNREADABLE_TAR)
         if current is not None and reason == TRUNCATED_TAR:
             # The sample being read when the tar broke may have lost members: it is not trustworthy.
@@ -183,10 +188,13 @@ def read_shard(url: str) -> Iterator[Sample]:
             current = None
         yield Sample(key="", error=reason, detail=f"{type(exc).__name__}: {exc}")
     finally:
-        stream.close()
+        try:
+            stream.close()
+        except Exception:  # a failing `pipe:` command reports at close; its damage is already recorded above
+            pass
     if current is not None:
         yield parse_sample(current)
-    elif members == 0:
+    elif members == 0 and not broken:
         yield Sample(key="", error=EMPTY_TAR, detail="the tar holds no members")
 
 

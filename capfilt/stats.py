@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from capfilt.errors import CapfiltError
-from capfilt.writer import STATS_SUFFIX, TMP_SUFFIX
+from capfilt.writer import MANIFEST, STATS_SUFFIX, TMP_SUFFIX
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -37,9 +37,9 @@ def summarize(out: Path) -> OutputReport:
     if not out.is_dir():
         raise CapfiltError(f"{out} is not a directory")
     report = OutputReport(out=str(out))
+    if not (out / MANIFEST).exists():
+        raise CapfiltError(f"{out} holds no capfilt output (no {MANIFEST})")
     stats_files = sorted(out.glob(f"*{STATS_SUFFIX}"))
-    if not stats_files and not any(out.glob("*.tar")):
-        raise CapfiltError(f"{out} holds no capfilt output")
     done = set()
     web_scores, synthetic_scores = [], []
     for path in stats_files:
@@ -59,7 +59,7 @@ def summarize(out: Path) -> OutputReport:
     report.web_score_quantiles = _quantiles(web_scores)
     report.synthetic_score_quantiles = _quantiles(synthetic_scores)
     leftovers = {p.name.split(".")[0] for p in out.iterdir() if p.name.endswith((".tar", TMP_SUFFIX))}
-    report.shards_unfinished = sorted(leftovers - done - {"capfilt_run"})
+    report.shards_unfinished = sorted(leftovers - done - {MANIFEST.split(".")[0]})
     return report
 
 

@@ -1,0 +1,117 @@
+"""Tiny random BLIP / BLIP-2 checkpoints (captioners and ITM filters) for tests, benchmarks and smoke runs.
+
+They are built from configs, saved with their processors, and meant to be loaded back through
+`from_pretrained(dir)`, the same path a user's checkpoint takes. Sizes are parameters, so a benchmark can
+ask for a model whose compute matters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WORDS = (
+    "a an the of in on with and at to is are picture photo man woman people dog cat bus train red blue green "
+    "white black sitting standing street table plate food pizza sky water two three large small near next "
+    "field grass building car truck bird horse bed room kitchen"
+).split()
+
+
+def _bert_tokenizer():
+    from transformers import BertTokenizer
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    # BLIP's tokenizer: BERT's plus [DEC] (bos) and [ENC], in that order.
+    return BertTokenizer(vocab=vocab, bos_token="[DEC]", additional_special_tokens=["[ENC]"])
+
+
+def _llm_tokenizer():
+    """A word-level tokenizer that, like OPT's, puts <s> in front of every text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+    vocab = {w: i for i, w in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", additional_special_tokens=["<image>"])
+
+
+def _image_processor(size):
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    return BlipImageProcessorPil(size={"height": size, "width": size})
+
+
+def _blip_config(tok, hidden=32, layers=2, image_size=32, patch=8):
+    from transformers import BlipConfig
+
+    vision = _vision(hidden, layers, image_size, patch)
+    text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                num_attention_heads=max(2, hidden // 64), encoder_hidden_size=hidden, max_position_embeddings=64,
+                bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, sep_token_id=tok.sep_token_id,
+                eos_token_id=tok.sep_token_id, initializer_range=0.2)
+    return BlipConfig(vision_config=vision, text_config=text, projection_dim=16, image_text_hidden_size=16)
+
+
+def _vision(hidden, layers, image_size, patch):
+    return dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                num_attention_heads=max(2, hidden // 64), image_size=image_size, patch_size=patch)
+
+
+def _blip2_config(qformer_tok, llm_tok=None, text_input=False, hidden=32, layers=2, image_size=32, patch=8):
+    from transformers import Blip2Config
+
+    vision = _vision(hidden, layers, image_size, patch)
+    qformer = dict(vocab_size=len(qformer_tok), hidden_size=hidden, intermediate_size=4 * hidden,
+                   num_hidden_layers=layers, num_attention_heads=max(2, hidden // 64), encoder_hidden_size=hidden, cross_attention_frequency=2,
+                   max_position_embeddings=64, pad_token_id=qformer_tok.pad_token_id,
+                   use_qformer_text_input=text_input)
+    text = None
+    image_token = None
+    if llm_tok is not None:
+        image_token = llm_tok.convert_tokens_to_ids("<image>")
+        text = dict(model_type="opt", vocab_size=len(llm_tok), hidden_size=hidden, ffn_dim=4 * hidden,
+                    num_hidden_layers=layers, num_attention_heads=max(2, hidden // 64), max_position_embeddings=128,
+                    word_embed_proj_dim=hidden,
+                    bos_token_id=llm_tok.bos_token_id, eos_token_id=llm_tok.eos_token_id,
+                    pad_token_id=llm_tok.pad_token_id, init_std=0.2)
+    return Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=4,
+                       image_token_index=image_token, image_text_hidden_size=16)
+
+
+def _save(model, tokenizer, path: Path, processor_cls, **processor_kwargs) -> str:
+    model.save_pretrained(path)
+    size = model.config.vision_config.image_size
+    processor_cls(image_processor=_image_processor(size), tokenizer=tokenizer, **processor_kwargs).save_pretrained(path)
+    return str(path)
+
+
+def build_tiny_models(root: Path, hidden: int = 32, layers: int = 2, image_size: int = 32, patch: int = 8,
+                      seed: int = 0) -> dict[str, str]:
+    """Save four random checkpoints under `root`; returns their paths by role:
+    blip_captioner, blip_itm (BLIP), blip2_captioner (tiny OPT as the LLM), blip2_itm."""
+    from transformers import (Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Processor,
+                              BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor)
+
+    root = Path(root)
+    torch.manual_seed(seed)
+    size = dict(hidden=hidden, layers=layers, image_size=image_size, patch=patch)
+    bert, llm = _bert_tokenizer(), _llm_tokenizer()
+    blip = _blip_config(bert, **size)
+    paths = {
+        "blip_captioner": _save(BlipForConditionalGeneration(blip), bert, root / "blip_cap", BlipProcessor),
+        "blip_itm": _save(BlipForImageTextRetrieval(blip), bert, root / "blip_itm", BlipProcessor),
+    }
+    blip2 = _blip2_config(bert, llm, **size)
+    paths["blip2_captioner"] = _save(Blip2ForConditionalGeneration(blip2), llm, root / "blip2_cap", Blip2Processor,
+                                     num_query_tokens=4)
+    itm = Blip2ForImageTextRetrieval(_blip2_config(bert, text_input=True, **size))
+    with torch.no_grad():  # a zero-initialised ITM head would score everything 0.5 exactly
+        itm.itm_head.weight.normal_(0, 0.5)
+    paths["blip2_itm"] = _save(itm, bert, root / "blip2_itm", BlipProcessor)
+    return paths

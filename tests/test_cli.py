@@ -1,0 +1,259 @@
+"""caption / filter / bootstrap / stats through the CLI, on shards with real JPEGs and every kind of bad input."""
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from conftest import bad_samples, demo_samples, read_json, strip_none, tar_members, truncate, write_tar
+from typer.testing import CliRunner
+
+from capfilt import pipeline
+from capfilt.captioner import Captioner, CaptionerConfig
+from capfilt.pipeline import RunConfig, run
+from capfilt.scorer import Scorer, ScorerConfig
+from capfilt.selection import SelectionConfig
+from cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def shards(tmp_path) -> Path:
+    d = tmp_path / "in"
+    d.mkdir()
+    write_tar(d / "part-00000.tar", demo_samples(10))
+    write_tar(d / "part-00001.tar", strip_none(bad_samples()))
+    truncate(write_tar(d / "part-00002.tar", demo_samples(8, start=10)), 0.6)
+    write_tar(d / "part-00003.tar", demo_samples(5, start=20))
+    return d
+
+
+def cli(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+def bootstrap_args(shards, out, models, *extra):
+    return ["bootstrap", shards, "--out", out, "--captioner", models["blip_captioner"], "--filter",
+            models["blip_itm"], "--batch-size", 4, "--workers", 0, "--quiet", *extra]
+
+
+def test_bootstrap_writes_clean_shards_and_accounts_for_every_sample(shards, tmp_path, tiny_models):
+    out = tmp_path / "out"
+    result = cli(*bootstrap_args(shards, out, tiny_models, "--num-captions", 2, "--threshold", 0.55))
+    assert result.exit_code == 0, result.output
+    assert "samples read" in result.output
+
+    inputs = {s["__key__"]: s for s in demo_samples(25)}
+    total_rows = 0
+    for name in ("part-00000", "part-00001", "part-00002", "part-00003"):
+        stats = read_json(out / f"{name}_stats.json")
+        rows = pq.read_table(out / f"{name}.parquet").to_pylist()
+        total_rows += len(rows)
+        members = tar_members(out / f"{name}.tar")
+        kept_keys = {r["key"] for r in rows if r["status"] == "ok"}
+        assert {m.split(".")[0] for m, _ in members} == kept_keys
+        assert stats["written"] == len(kept_keys)
+        assert stats["dropped"] == sum(r["status"] == "dropped" for r in rows)
+        assert sum(stats["errors"].values()) == sum(r["status"] == "error" for r in rows)
+        for member, data in members:
+            key, ext = member.split(".", 1)
+            if ext == "jpg" and key in inputs:
+                assert data == inputs[key]["jpg"]  # image bytes never re-encoded
+            if ext == "json":
+                capfilt = json.loads(data)["capfilt"]
+                assert [c["source"] for c in capfilt["candidates"]][0] == "web"
+                assert all(c["score"] is not None for c in capfilt["candidates"])
+                assert capfilt["policy"] == "blip" and capfilt["threshold"] == 0.55
+                assert capfilt["filter"] == tiny_models["blip_itm"]
+            if ext == "txt":
+                row = next(r for r in rows if r["key"] == key)
+                assert data.decode() == row["kept_captions"][0]
+        for row in rows:
+            if row["status"] != "error":
+                assert len(row["synthetic_captions"]) <= 2
+                assert all(s >= 0.55 for s in scores_of_kept(row))
+                assert row["status"] == ("ok" if row["kept_captions"] else "dropped")
+
+    bad = {r["key"]: r for r in pq.read_table(out / "part-00001.parquet").to_pylist()}
+    assert {k: r["reason"] for k, r in bad.items() if r["status"] == "error"} == {
+        "corrupt": "corrupt_image", "truncjpg": "corrupt_image", "nocaption": "missing_caption",
+        "latin1": "caption_not_utf8", "noimage": "no_image"}
+    trunc = pq.read_table(out / "part-00002.parquet").to_pylist()
+    assert trunc[-1]["key"] == "" and trunc[-1]["reason"] == "truncated_tar"
+    assert any(r["status"] != "error" for r in trunc)
+    assert not list(out.glob("*.tmp"))
+
+
+def scores_of_kept(row):
+    scores = dict(zip(row["synthetic_captions"], row["synthetic_scores"]))
+    scores[row["web_caption"]] = row["web_score"]
+    return [scores[c] for c in row["kept_captions"]]
+
+
+def test_output_reads_with_webdataset_and_datasets(shards, tmp_path, tiny_models, monkeypatch):
+    out = tmp_path / "out"
+    assert cli(*bootstrap_args(shards, out, tiny_models, "--threshold", 0)).exit_code == 0
+    tars = sorted(str(p) for p in out.glob("*.tar"))
+    written = sum(read_json(p)["written"] for p in out.glob("*_stats.json"))
+    samples = list(wds.WebDataset(tars, shardshuffle=False, empty_check=False).decode("pil"))
+    assert len(samples) == written > 0
+    assert all(s["jpg"].size[0] > 0 and isinstance(s["json"]["capfilt"], dict) for s in samples)
+
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    ds = datasets.load_dataset("webdataset", data_files={"train": tars}, split="train", cache_dir=str(tmp_path / "c"))
+    assert len(ds) == written
+    assert set(ds.column_names) >= {"__key__", "jpg", "txt", "json"}
+
+
+def test_caption_then_filter_equals_scoring_the_same_captions(shards, tmp_path, tiny_models):
+    captioned, filtered = tmp_path / "cap", tmp_path / "fil"
+    r = cli("caption", shards / "part-00000.tar", "--out", captioned, "--captioner",
+            tiny_models["blip2_captioner"], "--num-captions", 3, "--workers", 0, "--quiet")
+    assert r.exit_code == 0, r.output
+    cap_json = [json.loads(d) for m, d in tar_members(captioned / "part-00000.tar") if m.endswith(".json")]
+    assert len(cap_json) == 10
+    assert all(c["capfilt"]["filter"] is None and c["capfilt"]["candidates"][0]["score"] is None for c in cap_json)
+
+    r = cli("filter", captioned, "--out", filtered, "--filter", tiny_models["blip2_itm"], "--policy", "blip2",
+            "--keep-top", 2, "--threshold", 0, "--workers", 0, "--quiet")
+    assert r.exit_code == 0, r.output
+    rows = pq.read_table(filtered / "part-00000.parquet").to_pylist()
+    for row, before in zip(rows, cap_json):
+        synthetic = [c["caption"] for c in before["capfilt"]["candidates"] if c["source"] == "synthetic"]
+        assert row["synthetic_captions"] == synthetic  # the captions written by `caption` are the ones scored
+        assert row["web_caption"] == before["caption"]
+        assert len(row["kept_captions"]) == 2
+        best = max(scores_of_kept(row))
+        assert scores_of_kept(row)[0] == best
+    out_json = [json.loads(d) for m, d in tar_members(filtered / "part-00000.tar") if m.endswith(".json")]
+    assert all(j["capfilt"]["captioner"] == tiny_models["blip2_captioner"] for j in out_json)
+
+
+def test_clean_text_cleans_every_caption(shards, tmp_path, tiny_models):
+    out = tmp_path / "out"
+    r = cli("filter", shards / "part-00000.tar", "--out", out, "--filter", tiny_models["blip_itm"], "--threshold",
+            0, "--clean-text", "--workers", 0, "--quiet")
+    assert r.exit_code == 0, r.output
+    for row in pq.read_table(out / "part-00000.parquet").to_pylist():
+        assert row["web_caption"] == row["web_caption"].lower() and "." not in row["web_caption"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["filter", "/nonexistent/x.tar", "--out", "{out}", "--filter", "{itm}"], "no input matched"),
+        (["filter", "{shards}", "--out", "{out}", "--filter", "./no/such/model"], "no such model directory"),
+        (["filter", "{shards}", "--out", "{out}", "--filter", "{itm}", "--policy", "best"], "unknown policy"),
+        (["filter", "{shards}", "--out", "{out}", "--filter", "{itm}", "--threshold", "1.5"], "threshold"),
+        (["caption", "{shards}", "--out", "{out}", "--captioner", "{itm}"], "BlipForConditionalGeneration"),
+        (["filter", "{shards}", "--out", "{notempty}", "--filter", "{itm}"], "not empty"),
+        (["stats", "{shards}"], "no capfilt output"),
+    ],
+)
+def test_user_mistakes_are_one_line_errors(shards, tmp_path, tiny_models, args, message):
+    notempty = tmp_path / "notempty"
+    notempty.mkdir()
+    (notempty / "precious.txt").write_text("keep me")
+    subs = dict(out=tmp_path / "out", itm=tiny_models["blip_itm"], shards=shards, notempty=notempty)
+    result = cli(*[a.format(**subs) for a in args])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == [lines[0]] and lines[0].startswith("error:") and message in lines[0]
+    assert (notempty / "precious.txt").exists()
+
+
+def test_changed_settings_refuse_to_mix_with_existing_output(shards, tmp_path, tiny_models):
+    out = tmp_path / "out"
+    assert cli(*bootstrap_args(shards, out, tiny_models)).exit_code == 0
+    result = cli(*bootstrap_args(shards, out, tiny_models, "--threshold", 0.9))
+    assert result.exit_code == 2 and "other settings (selection)" in result.output
+    result = cli(*bootstrap_args(shards, out, tiny_models, "--threshold", 0.9, "--overwrite"))
+    assert result.exit_code == 0
+    assert read_json(out / "capfilt_run.json")["settings"]["selection"]["threshold"] == 0.9
+
+
+def test_stats_command_summarises_output(shards, tmp_path, tiny_models):
+    out = tmp_path / "out"
+    cli(*bootstrap_args(shards, out, tiny_models, "--num-captions", 2))
+    result = cli("stats", out)
+    assert result.exit_code == 0
+    total = sum(read_json(p)["samples"] for p in out.glob("*_stats.json"))
+    assert f"samples read     {total}" in result.output
+    for reason in ("corrupt_image", "missing_caption", "truncated_tar", "no_image"):
+        assert reason in result.output
+    assert "synthetic score  p5=" in result.output
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.suffix in (".tar", ".parquet")}
+
+
+def _counts(out: Path) -> dict[str, dict]:
+    drop = ("duration_s", "samples_per_s")
+    return {p.name: {k: v for k, v in read_json(p).items() if k not in drop} for p in out.glob("*_stats.json")}
+
+
+@pytest.fixture(scope="module")
+def stages(tiny_models):
+    return (Captioner(CaptionerConfig(model=tiny_models["blip_captioner"], num_captions=2)),
+            Scorer(ScorerConfig(model=tiny_models["blip_itm"])))
+
+
+def _run(shards, out, stages, workers=0):
+    config = RunConfig(specs=(str(shards),), out=str(out), batch_size=3, workers=workers, progress=False)
+    return run(config, captioner=stages[0], scorer=stages[1], selection=SelectionConfig(threshold=0.55))
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_output(shards, tmp_path, stages, monkeypatch):
+    reference = tmp_path / "reference"
+    _run(shards, reference, stages)
+
+    out = tmp_path / "resumed"
+    real_process, calls = pipeline._process, []
+
+    def dies_on_fifth_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_process(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_process", dies_on_fifth_batch)
+    with pytest.raises(KeyboardInterrupt):
+        _run(shards, out, stages)
+    monkeypatch.setattr(pipeline, "_process", real_process)
+    done_before = {p.name for p in out.glob("*_stats.json")}
+    assert 0 < len(done_before) < 4 and not list(out.glob("*.tmp"))
+
+    # A hard kill can also leave a stale temp file, and a renamed tar whose stats never got written.
+    victim = sorted(shards.glob("*.tar"))[-1].stem
+    (out / f"{victim}.tar.tmp").write_bytes(b"half a tar")
+    (out / f"{victim}.tar").write_bytes(b"an old tar")
+
+    summary = _run(shards, out, stages)
+    assert summary.shards_skipped == len(done_before)
+    assert _outputs(out) == _outputs(reference)
+    assert _counts(out) == _counts(reference)
+    assert not list(out.glob("*.tmp"))
+
+
+def test_worker_processes_do_not_change_output(shards, tmp_path, stages):
+    _run(shards, tmp_path / "w0", stages, workers=0)
+    _run(shards, tmp_path / "w2", stages, workers=2)
+    assert _outputs(tmp_path / "w0") == _outputs(tmp_path / "w2")
+
+
+def test_finished_run_is_not_redone(shards, tmp_path, stages):
+    out = tmp_path / "out"
+    _run(shards, out, stages)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    summary = _run(shards, out, stages)
+    assert summary.shards_done == 0 and summary.shards_skipped == 4
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before

@@ -1,0 +1,108 @@
+"""Captioner and filter on tiny checkpoints loaded through from_pretrained(dir)."""
+
+import pytest
+import torch
+from conftest import demo_samples
+from transformers import Blip2ForImageTextRetrieval, BlipForImageTextRetrieval
+
+from capfilt import CapfiltError
+from capfilt.captioner import Captioner, CaptionerConfig
+from capfilt.reader import decode_image
+from capfilt.scorer import Scorer, ScorerConfig
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [decode_image(s["jpg"]) for s in demo_samples(3)]
+
+
+def test_blip_itm_score_uses_enc_token(tiny_models, images):
+    scorer = Scorer(ScorerConfig(model=tiny_models["blip_itm"]))
+    texts = ["a dog on the grass", "two people at a table"]
+    pixels = scorer.image_transform(images[:1])
+    ours = scorer(pixels, [texts])[0]
+
+    # The same model, called the plain HF way, with [ENC] put in place of [CLS] by hand.
+    model = BlipForImageTextRetrieval.from_pretrained(tiny_models["blip_itm"]).eval()
+    tokens = scorer.tokenizer(texts, padding="longest", return_tensors="pt")
+    enc_ids = tokens.input_ids.clone()
+    enc_ids[:, 0] = scorer.tokenizer.convert_tokens_to_ids("[ENC]")
+    with torch.no_grad():
+        logits = model(input_ids=enc_ids, pixel_values=pixels.repeat(2, 1, 1, 1),
+                       attention_mask=tokens.attention_mask, use_itm_head=True).itm_score
+        cls_logits = model(input_ids=tokens.input_ids, pixel_values=pixels.repeat(2, 1, 1, 1),
+                           attention_mask=tokens.attention_mask, use_itm_head=True).itm_score
+    assert ours == pytest.approx(logits.softmax(-1)[:, 1].tolist(), abs=1e-5)
+    assert ours != pytest.approx(cls_logits.softmax(-1)[:, 1].tolist(), abs=1e-4)  # [CLS] would score otherwise
+
+
+def test_blip2_itm_score_matches_hf_forward(tiny_models, images):
+    scorer = Scorer(ScorerConfig(model=tiny_models["blip2_itm"]))
+    texts = [["a red bus", "a cat on a bed", "people"], ["a plate of food"]]
+    pixels = scorer.image_transform(images[:2])
+    ours = scorer(pixels, texts)
+
+    model = Blip2ForImageTextRetrieval.from_pretrained(tiny_models["blip2_itm"]).eval()
+    for i, group in enumerate(texts):
+        tokens = scorer.tokenizer(group, padding="longest", return_tensors="pt")
+        with torch.no_grad():
+            out = model(pixel_values=pixels[i : i + 1].repeat(len(group), 1, 1, 1), input_ids=tokens.input_ids,
+                        attention_mask=tokens.attention_mask, use_image_text_matching_head=True)
+        assert ours[i] == pytest.approx(out.logits_per_image.softmax(-1)[:, 1].tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["blip_itm", "blip2_itm"])
+def test_vision_tower_runs_once_per_batch(tiny_models, images, name):
+    scorer = Scorer(ScorerConfig(model=tiny_models[name]))
+    calls = []
+    scorer.model.vision_model.register_forward_hook(lambda module, args, out: calls.append(len(args[0]) if args else 0))
+    scorer(scorer.image_transform(images), [["a", "b", "c", "d"], ["e", "f"], ["g"]])
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("name", ["blip_captioner", "blip2_captioner"])
+def test_captioner_gives_k_captions_reproducibly(tiny_models, images, name):
+    captioner = Captioner(CaptionerConfig(model=tiny_models[name], num_captions=3))
+    pixels = captioner.image_transform(images[:2])
+    first = captioner(pixels, seed=7)
+    assert [len(c) for c in first] == [3, 3]
+    assert all(isinstance(c, str) and c for caps in first for c in caps)
+    assert captioner(pixels, seed=7) == first
+    assert captioner(pixels, seed=8) != first
+
+
+def test_captioner_removes_prompt_and_respects_lengths(tiny_models, images):
+    config = CaptionerConfig(model=tiny_models["blip_captioner"], min_length=8, max_length=12)
+    captioner = Captioner(config)
+    # The prompt is [DEC] + "a picture of": 4 tokens, so 4..8 new tokens (word-level vocabulary: 1 token a word).
+    for (caption,) in captioner(captioner.image_transform(images), seed=0):
+        assert 4 <= len(caption.split()) <= 8
+    greedy = Captioner(CaptionerConfig(model=tiny_models["blip_captioner"], sampling="greedy"))
+    pixels = greedy.image_transform(images[:1])
+    prefix = torch.tensor([greedy.prefix + [greedy.prefix[0]]])
+    full = greedy.model.generate(pixels, input_ids=prefix, **greedy.config.generation_kwargs(len(greedy.prefix)))
+    decoded = greedy.tokenizer.decode(full[0], skip_special_tokens=True)
+    assert decoded.startswith("a picture of")
+    assert greedy(pixels)[0][0] == decoded[len("a picture of"):].strip()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(sampling="greedy", num_captions=2), "greedy"),
+        (dict(sampling="beam", num_beams=2, num_captions=3), "num-beams"),
+        (dict(sampling="topk"), "unknown sampling"),
+        (dict(dtype="fp8"), "unknown dtype"),
+        (dict(top_p=0), "top-p"),
+    ],
+)
+def test_captioner_config_rejects_bad_options(kwargs, message):
+    with pytest.raises(CapfiltError, match=message):
+        CaptionerConfig(model="x", **kwargs)
+
+
+def test_wrong_head_and_missing_model_are_clear(tiny_models, tmp_path):
+    with pytest.raises(CapfiltError, match="BlipForImageTextRetrieval"):
+        Captioner(CaptionerConfig(model=tiny_models["blip_itm"]))
+    with pytest.raises(CapfiltError, match="no such model directory"):
+        Scorer(ScorerConfig(model=str(tmp_path / "nope")))

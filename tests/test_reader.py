@@ -1,0 +1,87 @@
+"""Shard specs and reading: every kind of bad input becomes a reason, good samples around it survive."""
+
+import pytest
+from conftest import bad_samples, demo_samples, png_bytes, strip_none, truncate, write_tar
+
+from capfilt import CapfiltError
+from capfilt import reader
+from capfilt.reader import ShardStream, expand_specs, read_shard, shard_name
+
+
+def test_expand_specs_accepts_files_dirs_globs_braces_urls(tmp_path):
+    for i in range(3):
+        write_tar(tmp_path / f"data-{i:06d}.tar", demo_samples(1))
+    one = str(tmp_path / "data-000000.tar")
+    assert expand_specs([one]) == [one]
+    assert len(expand_specs([str(tmp_path)])) == 3
+    assert len(expand_specs([str(tmp_path / "data-*.tar")])) == 3
+    assert expand_specs([str(tmp_path / "data-{000001..000002}.tar")]) == [
+        str(tmp_path / "data-000001.tar"), str(tmp_path / "data-000002.tar")]
+    assert expand_specs([f"pipe:cat {one}"]) == [f"pipe:cat {one}"]
+    assert expand_specs([one, one]) == [one]  # the same shard twice is read once
+
+
+@pytest.mark.parametrize("spec", ["missing.tar", "nothing-*.tar", "d-{000..002}.tar"])
+def test_expand_specs_reports_no_match(tmp_path, spec):
+    with pytest.raises(CapfiltError, match="no input matched"):
+        expand_specs([str(tmp_path / spec)])
+
+
+def test_expand_specs_refuses_output_name_clash(tmp_path):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        write_tar(tmp_path / sub / "x.tar", demo_samples(1))
+    with pytest.raises(CapfiltError, match="same output"):
+        expand_specs([str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def test_shard_names():
+    assert shard_name("/d/data-000001.tar") == "data-000001"
+    assert shard_name("https://host/x/shard-1.tar?sig=abc") == "shard-1"
+    assert shard_name("pipe:aws s3 cp s3://bucket/p/shard-7.tar -") == "shard-7"
+
+
+def test_bad_samples_get_reasons_and_good_ones_survive(tmp_path):
+    path = write_tar(tmp_path / "bad.tar", strip_none(bad_samples()))
+    stream = ShardStream([str(path)], {"id": lambda images: __import__("torch").zeros(len(images), 1)}, 4)
+    batches = [b for b in stream if isinstance(b, reader.Batch)]
+    samples = [s for b in batches for s in b.samples]
+    reasons = {s.key: s.error for s in samples}
+    assert reasons == {
+        "good0": None, "corrupt": "corrupt_image", "truncjpg": "corrupt_image", "nocaption": "missing_caption",
+        "latin1": "caption_not_utf8", "noimage": "no_image", "good1": None, "jsoncap": None,
+    }
+    assert next(s for s in samples if s.key == "jsoncap").web_caption == "a cat on a table"
+    # Pixel rows line up with the decoded samples.
+    for b in batches:
+        ok = [s for s in b.samples if s.error is None]
+        assert [s.pixel_row for s in ok] == list(range(len(ok)))
+        assert len(b.pixels["id"]) == len(ok)
+
+
+def test_truncated_tar_keeps_what_came_before(tmp_path):
+    path = truncate(write_tar(tmp_path / "t.tar", demo_samples(10)), 0.5)
+    samples = list(read_shard(str(path)))
+    good = [s for s in samples if s.error is None]
+    assert 3 <= len(good) < 10
+    assert samples[-1].key == "" and samples[-1].error == "truncated_tar"
+
+
+def test_empty_and_garbage_tars(tmp_path):
+    (tmp_path / "empty.tar").write_bytes(b"")
+    (tmp_path / "garbage.tar").write_bytes(b"this is not a tar file at all" * 40)
+    write_tar(tmp_path / "nomembers.tar", [])
+    for name, reason in [("empty", "empty_tar"), ("garbage", "unreadable_tar"), ("nomembers", "empty_tar")]:
+        samples = list(read_shard(str(tmp_path / f"{name}.tar")))
+        assert [(s.key, s.error) for s in samples] == [("", reason)], name
+
+
+def test_png_and_pipe_urls(tmp_path):
+    path = write_tar(tmp_path / "p.tar", [{"__key__": "k1", "png": png_bytes(), "txt": b"a red square"}])
+    samples = list(read_shard(f"pipe:cat {path}"))
+    assert [(s.key, s.image_ext, s.web_caption, s.error) for s in samples] == [("k1", "png", "a red square", None)]
+
+
+def test_unopenable_shard_is_retried_then_reported(tmp_path):
+    stream = ShardStream([str(tmp_path / "gone.tar")], {}, 4, retries=1, retry_wait_s=0.0)
+    assert [(e.shard, bool(e.failed)) for e in stream] == [("gone", True)]
