@@ -106,3 +106,18 @@ def test_wrong_head_and_missing_model_are_clear(tiny_models, tmp_path):
         Captioner(CaptionerConfig(model=tiny_models["blip_itm"]))
     with pytest.raises(CapfiltError, match="no such model directory"):
         Scorer(ScorerConfig(model=str(tmp_path / "nope")))
+
+
+def test_enc_token_found_without_tokenizer_entry():
+    from transformers import BertTokenizer
+
+    from capfilt.scorer import enc_token_id
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "dog"])}
+    with_enc = BertTokenizer(vocab=vocab, bos_token="[DEC]", additional_special_tokens=["[ENC]"])
+    assert enc_token_id(with_enc, vocab_size=8) == 7
+    # HF's BLIP tokenizers may carry [DEC] but not [ENC]; BLIP's embedding row for [ENC] follows [DEC].
+    without = BertTokenizer(vocab=vocab, bos_token="[DEC]")
+    assert enc_token_id(without, vocab_size=len(without) + 1) == len(without)
+    with pytest.raises(CapfiltError, match="ENC"):
+        enc_token_id(without, vocab_size=len(without))
