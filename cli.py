@@ -74,6 +74,9 @@ def _user_errors():
     except CapfiltError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished shards are kept; rerun the same command to resume", err=True)
+        raise typer.Exit(130) from None
 
 
 def _captioner(model, sampling, num_captions, top_p, num_beams, max_length, min_length, prompt, device, dtype):

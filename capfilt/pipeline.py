@@ -62,7 +62,7 @@ class RunSummary:
 
     def add(self, stats: dict[str, Any]) -> None:
         self.shards_done += 1
-        self.samples += stats["samples"]
+        self.samples += stats["read"]
         self.written += stats["written"]
 
 
@@ -131,7 +131,7 @@ class _OpenShard:
 
     def commit(self) -> dict[str, Any]:
         duration = time.perf_counter() - self.started
-        rate = self.writer.stats.samples / duration if duration > 0 else 0.0
+        rate = self.writer.stats.read / duration if duration > 0 else 0.0
         return self.writer.commit({"duration_s": round(duration, 3), "samples_per_s": round(rate, 2)})
 
 
@@ -174,7 +174,7 @@ def _process(
     good: list[Sample] = []
     for sample in batch.samples:
         if sample.key:
-            stats.samples += 1
+            stats.read += 1
         if sample.error is None and config.clean_text:
             sample.web_caption = clean_caption(sample.web_caption)
             sample.synthetic = [clean_caption(s) for s in sample.synthetic]

@@ -20,7 +20,7 @@ class OutputReport:
     out: str
     shards_done: int = 0
     shards_unfinished: list[str] = field(default_factory=list)
-    samples: int = 0
+    read: int = 0
     written: int = 0
     dropped: int = 0
     errors: dict[str, int] = field(default_factory=dict)
@@ -46,7 +46,7 @@ def summarize(out: Path) -> OutputReport:
         stats = json.loads(path.read_text())
         done.add(stats["shard"])
         report.shards_done += 1
-        for name in ("samples", "written", "dropped", "web_kept", "synthetic_generated", "synthetic_kept"):
+        for name in ("read", "written", "dropped", "web_kept", "synthetic_generated", "synthetic_kept"):
             setattr(report, name, getattr(report, name) + stats[name])
         for reason, n in stats["errors"].items():
             report.errors[reason] = report.errors.get(reason, 0) + n
@@ -77,8 +77,8 @@ def format_report(r: OutputReport) -> str:
     lines = [
         f"output           {r.out}",
         f"shards done      {r.shards_done}" + (f"   unfinished: {', '.join(r.shards_unfinished)}" if r.shards_unfinished else ""),
-        f"samples read     {r.samples:,}",
-        f"samples written  {_rate(r.written, r.samples)}",
+        f"samples read     {r.read:,}",
+        f"samples written  {_rate(r.written, r.read)}",
         f"samples dropped  {r.dropped:,}",
         f"errors           {sum(r.errors.values()):,}" + "".join(f"\n  {k:<16} {v:,}" for k, v in sorted(r.errors.items())),
     ]

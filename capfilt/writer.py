@@ -82,7 +82,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 @dataclass
 class ShardStats:
-    samples: int = 0  # input samples seen (shard-level error rows not included)
+    read: int = 0  # input samples seen (shard-level error rows not included)
     written: int = 0
     dropped: int = 0
     errors: dict[str, int] = field(default_factory=dict)

@@ -182,7 +182,7 @@ def test_stats_command_summarises_output(shards, tmp_path, tiny_models):
     cli(*bootstrap_args(shards, out, tiny_models, "--num-captions", 2))
     result = cli("stats", out)
     assert result.exit_code == 0
-    total = sum(read_json(p)["samples"] for p in out.glob("*_stats.json"))
+    total = sum(read_json(p)["read"] for p in out.glob("*_stats.json"))
     assert f"samples read     {total}" in result.output
     for reason in ("corrupt_image", "missing_caption", "truncated_tar", "no_image"):
         assert reason in result.output

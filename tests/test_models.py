@@ -121,3 +121,14 @@ def test_enc_token_found_without_tokenizer_entry():
     assert enc_token_id(without, vocab_size=len(without) + 1) == len(without)
     with pytest.raises(CapfiltError, match="ENC"):
         enc_token_id(without, vocab_size=len(without))
+
+
+@pytest.mark.parametrize("name", ["blip_captioner", "blip2_captioner", "blip_itm", "blip2_itm"])
+def test_bf16_runs(tiny_models, images, name):
+    if "captioner" in name:
+        model = Captioner(CaptionerConfig(model=tiny_models[name], dtype="bf16", sampling="greedy"))
+        assert len(model(model.image_transform(images))) == len(images)
+    else:
+        model = Scorer(ScorerConfig(model=tiny_models[name], dtype="bf16"))
+        scores = model(model.image_transform(images), [["a dog"], ["a cat", "a bus"], []])
+        assert all(0.0 <= s <= 1.0 for row in scores for s in row)
