@@ -102,8 +102,9 @@ def run(
             if isinstance(item, ShardEnd):
                 shard = open_shards.pop(item.shard, None) or _OpenShard(ShardWriter(out, item.shard))
                 if item.failed:
-                    shard.writer.abort()
-                    summary.shards_failed[item.shard] = item.failed
+                    shard.writer.abort()  # a retry starts the shard over with a fresh writer
+                    if not item.retrying:
+                        summary.shards_failed[item.shard] = item.failed
                 else:
                     summary.add(shard.commit())
                 bar.set_description(f"shards {summary.shards_done + len(summary.shards_failed)}/{len(todo)}")

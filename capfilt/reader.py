@@ -6,12 +6,16 @@ exception, so one bad image, caption or tar never takes good samples down with i
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import io
 import json
 import os
+import signal
+import sys
 import tarfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -157,7 +161,8 @@ def read_shard(url: str) -> Iterator[Sample]:
     """Stream a shard's samples in order. A truncated, empty or unreadable tar ends with one error sample
     (key "") carrying the reason; everything read before the damage is still yielded.
 
-    Raises only when the shard cannot be opened at all (missing file, network), which the caller retries.
+    Raises when the stream itself fails (missing file, network, a `pipe:` command exiting non-zero), which
+    the caller answers by retrying the whole shard.
     """
     stream = wds.gopen(url, "rb")
     members = 0
@@ -179,7 +184,7 @@ def read_shard(url: str) -> Iterator[Sample]:
                 if current is None:
                     current = {"__key__": key}
                 current[ext.lower()] = data
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
         broken = True
         reason = TRUNCATED_TAR if members else (EMPTY_TAR if "empty" in str(exc) else UNREADABLE_TAR)
         if current is not None and reason == TRUNCATED_TAR:
@@ -188,10 +193,7 @@ def read_shard(url: str) -> Iterator[Sample]:
             current = None
         yield Sample(key="", error=reason, detail=f"{type(exc).__name__}: {exc}")
     finally:
-        try:
-            stream.close()
-        except Exception:  # a failing `pipe:` command reports at close; its damage is already recorded above
-            pass
+        stream.close()  # a `pipe:` command that exited non-zero raises here
     if current is not None:
         yield parse_sample(current)
     elif members == 0 and not broken:
@@ -214,10 +216,12 @@ class Batch:
 
 @dataclass
 class ShardEnd:
-    """Marks that a shard has been read completely (`failed` is None) or could not be opened."""
+    """A shard was read completely (`failed` is None), or its stream broke: then everything sent for it so
+    far is void, and it is either read again from the start (`retrying`) or given up for this run."""
 
     shard: str
     failed: str | None = None
+    retrying: bool = False
 
 
 ImageTransform = Callable[[list[Image.Image]], torch.Tensor]
@@ -252,17 +256,15 @@ class ShardStream(IterableDataset):
     def _read_with_retries(self, url: str) -> Iterator[Batch | ShardEnd]:
         name = shard_name(url)
         for attempt in range(self.retries + 1):
-            samples = read_shard(url)
             try:
-                first = next(samples, None)
-            except Exception as exc:  # cannot open: missing file, network, failing pipe command
-                if attempt == self.retries:
-                    yield ShardEnd(name, failed=f"{type(exc).__name__}: {exc}")
+                yield from self._batches(name, read_shard(url))
+            except Exception as exc:  # the stream broke: missing file, network, failing pipe command
+                retrying = attempt < self.retries
+                yield ShardEnd(name, failed=f"{type(exc).__name__}: {exc}", retrying=retrying)
+                if not retrying:
                     return
                 time.sleep(self.retry_wait_s * 2**attempt)
                 continue
-            if first is not None:
-                yield from self._batches(name, _chain(first, samples))
             yield ShardEnd(name)
             return
 
@@ -292,13 +294,17 @@ class ShardStream(IterableDataset):
         return Batch(name, index, samples, pixels)
 
 
-def _chain(first: Sample, rest: Iterator[Sample]) -> Iterator[Sample]:
-    yield first
-    yield from rest
-
-
 def _identity(item):
     return item
+
+
+def _die_with_parent(worker_id: int) -> None:
+    """A worker of a killed (SIGKILL) run would otherwise linger, holding memory; Linux can tie it to its parent."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        except OSError:
+            pass
 
 
 def stream_batches(stream: ShardStream, workers: int, pin_memory: bool = False) -> Iterator[Batch | ShardEnd]:
@@ -312,5 +318,6 @@ def stream_batches(stream: ShardStream, workers: int, pin_memory: bool = False) 
         pin_memory=pin_memory,
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
+        worker_init_fn=_die_with_parent if workers else None,
     )
     return iter(loader)

@@ -257,3 +257,23 @@ def test_finished_run_is_not_redone(shards, tmp_path, stages):
     summary = _run(shards, out, stages)
     assert summary.shards_done == 0 and summary.shards_skipped == 4
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_broken_stream_is_retried_and_a_dead_one_reported(shards, tmp_path, tiny_models):
+    tar = shards / "part-00000.tar"
+    # Fails once half-way through (a dropped connection), then streams the whole shard.
+    flaky = (f"""pipe:bash -c 'if [ -e "$0.flag" ]; then cat "$0"; else touch "$0.flag"; head -c 300000 "$0"; """
+             f"""exit 1; fi' {tar}""")
+    out, reference = tmp_path / "out", tmp_path / "ref"
+    args = ["filter", "--filter", tiny_models["blip_itm"], "--workers", 0, "--quiet", "--retries", 1]
+    assert cli(*args[:1], tar, "--out", reference, *args[1:]).exit_code == 0
+    result = cli(*args[:1], flaky, "--out", out, *args[1:])
+    assert result.exit_code == 0, result.output
+    assert _outputs(out) == _outputs(reference)
+
+    dead = f"pipe:bash -c 'head -c 300000 $0; exit 3' {shards / 'part-00003.tar'}"
+    result = cli(*args[:1], tar, dead, "--out", tmp_path / "dead", *args[1:])
+    assert result.exit_code == 2 and "1 shard(s) failed" in result.output
+    assert "failed shard part-00003: OSError" in result.output
+    assert sorted(p.name for p in (tmp_path / "dead").glob("*_stats.json")) == ["part-00000_stats.json"]
+    assert not list((tmp_path / "dead").glob("part-00003*"))

@@ -84,4 +84,4 @@ def test_png_and_pipe_urls(tmp_path):
 
 def test_unopenable_shard_is_retried_then_reported(tmp_path):
     stream = ShardStream([str(tmp_path / "gone.tar")], {}, 4, retries=1, retry_wait_s=0.0)
-    assert [(e.shard, bool(e.failed)) for e in stream] == [("gone", True)]
+    assert [(e.shard, bool(e.failed), e.retrying) for e in stream] == [("gone", True, True), ("gone", True, False)]
