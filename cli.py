@@ -165,6 +165,26 @@ def bootstrap(
 
 
 @app.command()
+def synth(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the synth-NNNNN.tar shards.")],
+    n: Annotated[int, typer.Option("--n", help="Number of samples.")] = 1000,
+    per_shard: Annotated[int, typer.Option(help="Samples per shard.")] = 1000,
+    noise: Annotated[float, typer.Option(help="Fraction of samples given another sample's caption "
+                                              "(ground truth in json synth.noisy).")] = 0.0,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
+    max_shapes: Annotated[int, typer.Option(help="Shapes per image, at most.")] = 2,
+    seed: Annotated[int, typer.Option(help="Same seed, same bytes.")] = 0,
+):
+    """Write a synthetic corpus of coloured shapes with captions that describe them (tests, smoke runs)."""
+    from capfilt.synth import SynthConfig, write_synth
+
+    with _user_errors():
+        config = SynthConfig(n=n, per_shard=per_shard, noise=noise, size=size, max_shapes=max_shapes, seed=seed)
+        paths = write_synth(out, config)
+        typer.echo(f"wrote {n:,} samples in {len(paths)} shard(s) to {out}")
+
+
+@app.command()
 def stats(out: Annotated[Path, typer.Argument(help="An output directory of caption, filter or bootstrap.")]):
     """Totals, keep rates, score quantiles and error reasons of an output directory."""
     from capfilt.stats import format_report, summarize
