@@ -100,13 +100,14 @@ def run(
     try:
         for item in reader.stream_batches(stream, config.workers, pin_memory=device.type == "cuda"):
             if isinstance(item, ShardEnd):
-                shard = open_shards.pop(item.shard, None) or _OpenShard(ShardWriter(out, item.shard))
+                shard = open_shards.pop(item.shard, None)
                 if item.failed:
-                    shard.writer.abort()  # a retry starts the shard over with a fresh writer
+                    if shard is not None:
+                        shard.writer.abort()  # a retry starts the shard over with a fresh writer
                     if not item.retrying:
                         summary.shards_failed[item.shard] = item.failed
                 else:
-                    summary.add(shard.commit())
+                    summary.add((shard or _OpenShard(ShardWriter(out, item.shard))).commit())
                 bar.set_description(f"shards {summary.shards_done + len(summary.shards_failed)}/{len(todo)}")
                 continue
             shard = open_shards.get(item.shard)
