@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from capfilt.captioner import Captioner, CaptionerConfig
-from capfilt.pipeline import RunConfig, _shared_transforms, batch_seed, run
+from capfilt.pipeline import RunConfig, batch_seed, run, shared_transforms
 from capfilt.reader import Batch, ShardStream, expand_specs
 from capfilt.scorer import Scorer, ScorerConfig
 from capfilt.selection import SelectionConfig
@@ -58,7 +58,7 @@ def bench(size: str, copies: int, workers: int, batch_size: int, num_captions: i
         captioner = Captioner(CaptionerConfig(model=models["blip_captioner"], num_captions=num_captions))
         scorer = Scorer(ScorerConfig(model=models["blip_itm"]))
         corpus = make_corpus(root, copies)
-        transforms, *keys = _shared_transforms(captioner, scorer)
+        transforms, *keys = shared_transforms(captioner, scorer)
         batches = [b for b in ShardStream(expand_specs([str(corpus)]), transforms, batch_size)
                    if isinstance(b, Batch)]
         samples = sum(len(b.samples) for b in batches)

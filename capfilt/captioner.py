@@ -13,7 +13,8 @@ from typing import Literal
 import torch
 from transformers import Blip2ForConditionalGeneration, BlipForConditionalGeneration
 
-from capfilt.checkpoint import ImageTransform, check_dtype, load_image_transform, load_model, load_tokenizer
+from capfilt.checkpoint import (ImageTransform, check_dtype, load_image_transform, load_model, load_tokenizer,
+                                vision_dtype)
 from capfilt.errors import CapfiltError
 
 Sampling = Literal["nucleus", "beam", "greedy"]
@@ -87,11 +88,6 @@ class Captioner:
     def device(self) -> torch.device:
         return self.model.device
 
-    @property
-    def vision_dtype(self) -> torch.dtype:
-        # Not model.dtype: BLIP-2 keeps its Q-Former in fp32 when the rest runs in bf16/fp16.
-        return next(self.model.vision_model.parameters()).dtype
-
     def _prompt_prefix(self) -> list[int]:
         """Token ids that precede generation. BLIP: `[DEC]` then the prompt (HF's generate swaps in `[DEC]` for
         `[CLS]` and drops the final `[SEP]`). BLIP-2: the prompt as its LLM's tokenizer encodes it, as
@@ -106,7 +102,7 @@ class Captioner:
     @torch.inference_mode()
     def __call__(self, pixel_values: torch.Tensor, seed: int | None = None) -> list[list[str]]:
         batch = pixel_values.shape[0]
-        pixel_values = pixel_values.to(self.device, self.vision_dtype, non_blocking=True)
+        pixel_values = pixel_values.to(self.device, vision_dtype(self.model), non_blocking=True)
         if seed is not None:
             torch.manual_seed(seed)
         prefix = torch.tensor([self.prefix], device=self.device).repeat(batch, 1)

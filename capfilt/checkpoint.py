@@ -29,6 +29,11 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def vision_dtype(model: PreTrainedModel) -> torch.dtype:
+    """The dtype pixel values must have. Not model.dtype: BLIP-2 keeps its Q-Former in fp32 under bf16/fp16."""
+    return next(model.vision_model.parameters()).dtype
+
+
 def check_dtype(dtype: str) -> None:
     if dtype not in DTYPES:
         raise CapfiltError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")

@@ -90,7 +90,7 @@ def run(
     if not todo:
         return summary
 
-    transforms, captioner_key, scorer_key = _shared_transforms(captioner, scorer)
+    transforms, captioner_key, scorer_key = shared_transforms(captioner, scorer)
     stream = ShardStream(todo, transforms, config.batch_size, retries=config.retries)
     device = (captioner or scorer).device
     started = time.perf_counter()
@@ -137,7 +137,7 @@ class _OpenShard:
         return self.writer.commit({"duration_s": round(duration, 3), "samples_per_s": round(rate, 2)})
 
 
-def _shared_transforms(captioner, scorer):
+def shared_transforms(captioner, scorer):
     """One preprocessing per distinct image processor: captioner and filter share a tensor when they agree."""
     transforms: dict[str, Any] = {}
     keys = []

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from transformers import Blip2ForImageTextRetrieval, BlipForImageTextRetrieval
 
-from capfilt.checkpoint import ImageTransform, check_dtype, load_image_transform, load_model, load_tokenizer
+from capfilt.checkpoint import (ImageTransform, check_dtype, load_image_transform, load_model, load_tokenizer,
+                                vision_dtype)
 from capfilt.errors import CapfiltError
 
 SCORER_CLASSES = {"blip": BlipForImageTextRetrieval, "blip-2": Blip2ForImageTextRetrieval}
@@ -67,18 +68,13 @@ class Scorer:
     def device(self) -> torch.device:
         return self.model.device
 
-    @property
-    def vision_dtype(self) -> torch.dtype:
-        # Not model.dtype: BLIP-2 keeps its Q-Former in fp32 when the rest runs in bf16/fp16.
-        return next(self.model.vision_model.parameters()).dtype
-
     @torch.inference_mode()
     def __call__(self, pixel_values: torch.Tensor, texts: list[list[str]]) -> list[list[float]]:
         owner = torch.tensor([i for i, group in enumerate(texts) for _ in group], device=self.device)
         flat = [t for group in texts for t in group]
         if not flat:
             return [[] for _ in texts]
-        pixel_values = pixel_values.to(self.device, self.vision_dtype, non_blocking=True)
+        pixel_values = pixel_values.to(self.device, vision_dtype(self.model), non_blocking=True)
         image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state  # (B, N, D)
         image_embeds = image_embeds.index_select(0, owner)  # (T, N, D): one row per caption, no ViT rerun
         tokens = self.tokenizer(
