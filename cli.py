@@ -42,8 +42,9 @@ CleanText = Annotated[bool, typer.Option(help="Clean captions as BLIP's pre_capt
 Retries = Annotated[int, typer.Option(help="Retries for a shard that cannot be opened.", rich_help_panel=RUN)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=RUN)]
 
-CaptionerModel = Annotated[str, typer.Option("--captioner", help="BlipForConditionalGeneration or "
-                                             "Blip2ForConditionalGeneration: Hub id or local directory.",
+CaptionerModel = Annotated[str, typer.Option("--captioner", help="BlipForConditionalGeneration, "
+                                             "Blip2ForConditionalGeneration (Hub id or local directory) or a "
+                                             "stage-2 `capfilt pretrain` run directory.",
                                              rich_help_panel=CAPTION)]
 Sampling = Annotated[str, typer.Option(help="nucleus (BLIP's CapFilt default), beam or greedy.",
                                        rich_help_panel=CAPTION)]
@@ -55,8 +56,9 @@ MaxLength = Annotated[int, typer.Option(help="Max caption tokens, prompt include
 MinLength = Annotated[int, typer.Option(help="Min caption tokens, prompt included.", rich_help_panel=CAPTION)]
 Prompt = Annotated[str, typer.Option(help="Decoder prompt, removed from the captions.", rich_help_panel=CAPTION)]
 
-FilterModel = Annotated[str, typer.Option("--filter", help="BlipForImageTextRetrieval or "
-                                          "Blip2ForImageTextRetrieval: Hub id or local directory.",
+FilterModel = Annotated[str, typer.Option("--filter", help="BlipForImageTextRetrieval, "
+                                          "Blip2ForImageTextRetrieval (Hub id or local directory) or a "
+                                          "`capfilt pretrain` run directory.",
                                           rich_help_panel=FILTER)]
 Policy = Annotated[str, typer.Option(help="blip: keep every caption >= threshold; blip2: keep the best "
                                      "--keep-top of those.", rich_help_panel=FILTER)]
@@ -182,6 +184,131 @@ def synth(
         config = SynthConfig(n=n, per_shard=per_shard, noise=noise, size=size, max_shapes=max_shapes, seed=seed)
         paths = write_synth(out, config)
         typer.echo(f"wrote {n:,} samples in {len(paths)} shard(s) to {out}")
+
+
+PRETRAIN = "Pre-training"
+STAGE1 = "Stage 1 (new Q-Former)"
+OPTIM = "Optimisation"
+
+
+@app.command()
+def pretrain(
+    specs: Specs,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory: checkpoints, metrics.jsonl, and at the "
+                                      "end the model itself (usable as --captioner / --filter).",
+                                      rich_help_panel=PRETRAIN)],
+    stage: Annotated[int, typer.Option(help="1: ITC + ITM + ITG on the frozen image encoder. 2: LM loss through "
+                                       "a frozen LLM, starting from a stage-1 run (--init).",
+                                       rich_help_panel=PRETRAIN)] = 1,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.",
+                                         rich_help_panel=PRETRAIN)] = False,
+    vision: Annotated[Optional[str], typer.Option(help="Frozen image encoder: a Hugging Face vision model (CLIP, "
+                                                 "SigLIP, ViT, DINOv2, BLIP/BLIP-2 vision; Hub id or local dir) "
+                                                 "or EfficientNet-Lite0's .pth.", rich_help_panel=STAGE1)] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="BERT-style tokenizer for the Q-Former (default: "
+                                                     "--qformer-init's).", rich_help_panel=STAGE1)] = None,
+    qformer_init: Annotated[Optional[str], typer.Option(help="BERT checkpoint that seeds the Q-Former (BLIP-2: "
+                                                        "bert-base-uncased); sets its width and depth.",
+                                                        rich_help_panel=STAGE1)] = None,
+    hidden_size: Annotated[int, typer.Option(help="Q-Former width (without --qformer-init).",
+                                             rich_help_panel=STAGE1)] = 768,
+    layers: Annotated[int, typer.Option(help="Q-Former layers (without --qformer-init).",
+                                        rich_help_panel=STAGE1)] = 12,
+    heads: Annotated[int, typer.Option(help="Attention heads (without --qformer-init).",
+                                       rich_help_panel=STAGE1)] = 12,
+    queries: Annotated[int, typer.Option(help="Learned query tokens.", rich_help_panel=STAGE1)] = 32,
+    embed_dim: Annotated[int, typer.Option(help="ITC embedding width.", rich_help_panel=STAGE1)] = 256,
+    max_text_length: Annotated[int, typer.Option(help="Caption tokens.", rich_help_panel=STAGE1)] = 32,
+    dropout: Annotated[float, typer.Option(help="Q-Former dropout.", rich_help_panel=STAGE1)] = 0.1,
+    init: Annotated[Optional[str], typer.Option(help="Stage 2: the stage-1 run directory to start from.",
+                                                rich_help_panel=PRETRAIN)] = None,
+    llm: Annotated[Optional[str], typer.Option(help="Stage 2: frozen causal LM (OPT, GPT-2, Llama, SmolLM2...): "
+                                               "Hub id or local dir.", rich_help_panel=PRETRAIN)] = None,
+    prompt: Annotated[str, typer.Option(help="Stage 2: text between the visual prompt and the caption (no loss "
+                                        "on it); captioning uses the same.", rich_help_panel=PRETRAIN)]
+        = "a picture of ",
+    steps: Annotated[int, typer.Option(help="Optimiser steps.", rich_help_panel=OPTIM)] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Samples per process and micro-step.", rich_help_panel=OPTIM)] = 32,
+    grad_accum: Annotated[int, typer.Option(help="Micro-steps per optimiser step.", rich_help_panel=OPTIM)] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (BLIP-2: 1e-4).", rich_help_panel=OPTIM)] = 1e-4,
+    min_lr: Annotated[float, typer.Option(help="Learning rate at the end of the cosine.",
+                                          rich_help_panel=OPTIM)] = 1e-5,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.", rich_help_panel=OPTIM)] = 100,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.", rich_help_panel=OPTIM)] = 0.05,
+    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm.", rich_help_panel=OPTIM)] = 1.0,
+    mixed_precision: Annotated[str, typer.Option(help="auto (bf16 on a GPU that has it, else fp32), no, bf16 "
+                                                 "or fp16.", rich_help_panel=OPTIM)] = "auto",
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.", rich_help_panel=RUN)] = 500,
+    keep_checkpoints: Annotated[int, typer.Option(help="Checkpoints kept.", rich_help_panel=RUN)] = 2,
+    log_every: Annotated[int, typer.Option(help="Log every N steps.", rich_help_panel=RUN)] = 10,
+    log_with: Annotated[Optional[list[str]], typer.Option(help="accelerate tracker(s): tensorboard, wandb...",
+                                                          rich_help_panel=RUN)] = None,
+    workers: Workers = 2,
+    shuffle_buffer: Annotated[int, typer.Option(help="Samples in each worker's shuffle buffer.",
+                                                rich_help_panel=RUN)] = 1000,
+    seed: Annotated[int, typer.Option(help="Seeds shard draws, dropout and hard negatives.",
+                                      rich_help_panel=RUN)] = 0,
+):
+    """Pre-train a BLIP-2 Q-Former on shards (bootstrap output or img2dataset). Runs as is under
+    `accelerate launch` or `torchrun` for several processes and nodes."""
+    from capfilt.pretrain import OptimConfig, PretrainConfig, pretrain as run_pretrain
+    from capfilt.qformer import QFormerShape
+
+    with _user_errors():
+        config = PretrainConfig(
+            stage=stage, specs=tuple(specs), out=str(out), vision=vision, tokenizer=tokenizer,
+            shape=QFormerShape(hidden_size=hidden_size, num_layers=layers, num_heads=heads,
+                               num_query_tokens=queries, embed_dim=embed_dim, max_text_length=max_text_length,
+                               dropout=dropout, init_from=qformer_init),
+            init=init, llm=llm, prompt=prompt,
+            optim=OptimConfig(steps=steps, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
+                              weight_decay=weight_decay, max_grad_norm=max_grad_norm, grad_accum=grad_accum),
+            batch_size=batch_size, mixed_precision=mixed_precision, save_every=save_every,
+            keep_checkpoints=keep_checkpoints, log_every=log_every, workers=workers, shuffle_buffer=shuffle_buffer,
+            seed=seed, resume=resume, log_with=tuple(log_with or ()))
+        summary = run_pretrain(config)
+        if summary.skipped:
+            typer.echo("skipped samples: " + ", ".join(f"{k}: {v}" for k, v in sorted(summary.skipped.items())))
+        typer.echo(f"trained to step {summary.steps}; model in {summary.out}")
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Argument(help="A `capfilt pretrain` run directory.")],
+    specs: Specs,
+    batch_size: BatchSize = 64,
+    rerank_k: Annotated[int, typer.Option(help="Re-rank each query's top k ITC candidates with the ITM head "
+                                          "(0: ITC only).")] = 0,
+    workers: Workers = 2,
+    device: Device = "auto",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON here.")] = None,
+):
+    """Zero-shot image-text retrieval recall@1/5/10 and caption loss on held-out shards."""
+    import json
+
+    from capfilt.evaluate import EvalConfig, run
+
+    with _user_errors():
+        report = run(EvalConfig(model=model, specs=tuple(specs), batch_size=batch_size, rerank_k=rerank_k,
+                                workers=workers, device=device))
+        if json_out is not None:
+            json_out.write_text(json.dumps(report.as_dict(), indent=2))
+        typer.echo(report.format())
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="A `capfilt pretrain` run directory on a BLIP-2 vision tower.")],
+    out: Annotated[Path, typer.Argument(help="Directory for the transformers checkpoint.")],
+    overwrite: Overwrite = False,
+):
+    """Write a checkpoint plain transformers loads: Blip2ForConditionalGeneration (stage 2) or
+    Blip2ForImageTextRetrieval (stage 1)."""
+    from capfilt.export import export as run_export
+
+    with _user_errors():
+        result = run_export(model, str(out), overwrite=overwrite)
+        typer.echo(f"wrote {result.model_class} to {result.out}")
 
 
 @app.command()

@@ -16,9 +16,11 @@ from transformers import Blip2ForConditionalGeneration, BlipForConditionalGenera
 from capfilt.checkpoint import (ImageTransform, check_dtype, load_image_transform, load_model, load_tokenizer,
                                 vision_dtype)
 from capfilt.errors import CapfiltError
+from capfilt.qformer import LLM_TOKENIZER, MODEL_TYPE as CAPFILT_QFORMER, QFormerModel
 
 Sampling = Literal["nucleus", "beam", "greedy"]
-CAPTIONER_CLASSES = {"blip": BlipForConditionalGeneration, "blip-2": Blip2ForConditionalGeneration}
+CAPTIONER_CLASSES = {"blip": BlipForConditionalGeneration, "blip-2": Blip2ForConditionalGeneration,
+                     CAPFILT_QFORMER: QFormerModel}
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,10 @@ class Captioner:
     def __init__(self, config: CaptionerConfig):
         self.config = config
         self.model = load_model(config.model, "captioner", CAPTIONER_CLASSES, config.device, config.dtype)
-        self.tokenizer = load_tokenizer(config.model, "captioner")
+        self.is_capfilt = self.model.config.model_type == CAPFILT_QFORMER
+        if self.is_capfilt and not self.model.has_language_model:
+            raise CapfiltError(f"captioner {config.model!r} is a stage-1 Q-Former: only a stage-2 model captions")
+        self.tokenizer = load_tokenizer(config.model, "captioner", subfolder=LLM_TOKENIZER if self.is_capfilt else "")
         self.is_blip2 = self.model.config.model_type == "blip-2"
         self.image_transform: ImageTransform = load_image_transform(
             config.model, self.model.config.vision_config.image_size
@@ -93,6 +98,8 @@ class Captioner:
         `[CLS]` and drops the final `[SEP]`). BLIP-2: the prompt as its LLM's tokenizer encodes it, as
         Blip2Processor does; the query placeholders go in front at call time."""
         ids = self.tokenizer(self.config.prompt).input_ids
+        if self.is_capfilt:
+            return list(ids)
         if self.is_blip2:
             if getattr(self.model.config, "image_token_index", None) is None:
                 raise CapfiltError(f"captioner {self.config.model!r}: BLIP-2 config lacks image_token_index")
@@ -107,7 +114,9 @@ class Captioner:
             torch.manual_seed(seed)
         prefix = torch.tensor([self.prefix], device=self.device).repeat(batch, 1)
         kwargs = self.config.generation_kwargs(prompt_tokens=len(self.prefix))
-        if self.is_blip2:
+        if self.is_capfilt:  # the queries go in as embeddings; only new tokens come back
+            out = self.model.generate(pixel_values, input_ids=prefix, **kwargs)
+        elif self.is_blip2:
             queries = self.model.config.num_query_tokens
             image_tokens = torch.full((batch, queries), self.model.config.image_token_index, device=self.device)
             input_ids = torch.cat([image_tokens, prefix], dim=1)

@@ -46,7 +46,7 @@ def _looks_local(name: str) -> bool:
 
 def load_model(name: str, role: str, classes: dict[str, type[PreTrainedModel]], device: str, dtype: str):
     """Load `name` with the class that `classes` maps its `model_type` to; refuse checkpoints of the wrong head."""
-    config = _load_config(name, role)
+    config = load_config(name, role)
     cls = classes.get(config.model_type)
     if cls is None:
         kinds = ", ".join(c.__name__ for c in classes.values())
@@ -58,7 +58,7 @@ def load_model(name: str, role: str, classes: dict[str, type[PreTrainedModel]], 
     return model.to(resolve_device(device)).eval()
 
 
-def _load_config(name: str, role: str) -> PretrainedConfig:
+def load_config(name: str, role: str) -> PretrainedConfig:
     if _looks_local(name) and not os.path.isdir(os.path.expanduser(name)):
         raise CapfiltError(f"{role} {name!r}: no such model directory")
     try:
@@ -68,9 +68,9 @@ def _load_config(name: str, role: str) -> PretrainedConfig:
         raise CapfiltError(f"{role} {name!r} cannot be loaded: {first_line}") from None
 
 
-def load_tokenizer(name: str, role: str):
+def load_tokenizer(name: str, role: str, subfolder: str = ""):
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(name, subfolder=subfolder)
     except (OSError, ValueError, TypeError) as exc:
         raise CapfiltError(f"{role} {name!r} has no usable tokenizer: {str(exc).splitlines()[0]}") from None
 

@@ -14,8 +14,10 @@ from transformers import Blip2ForImageTextRetrieval, BlipForImageTextRetrieval
 from capfilt.checkpoint import (ImageTransform, check_dtype, load_image_transform, load_model, load_tokenizer,
                                 vision_dtype)
 from capfilt.errors import CapfiltError
+from capfilt.qformer import MODEL_TYPE as CAPFILT_QFORMER, QFormerModel
 
-SCORER_CLASSES = {"blip": BlipForImageTextRetrieval, "blip-2": Blip2ForImageTextRetrieval}
+SCORER_CLASSES = {"blip": BlipForImageTextRetrieval, "blip-2": Blip2ForImageTextRetrieval,
+                  CAPFILT_QFORMER: QFormerModel}
 ENC_TOKEN = "[ENC]"
 
 
@@ -56,10 +58,13 @@ class Scorer:
         self.config = config
         self.model = load_model(config.model, "filter", SCORER_CLASSES, config.device, config.dtype)
         self.tokenizer = load_tokenizer(config.model, "filter")
+        self.is_capfilt = self.model.config.model_type == CAPFILT_QFORMER
         self.is_blip2 = self.model.config.model_type == "blip-2"
-        self.max_text_length = config.max_text_length or (32 if self.is_blip2 else 35)
-        text_config = self.model.config.qformer_config if self.is_blip2 else self.model.config.text_config
-        self.first_token = None if self.is_blip2 else enc_token_id(self.tokenizer, text_config.vocab_size)
+        self.max_text_length = config.max_text_length or (
+            self.model.config.max_text_length if self.is_capfilt else 32 if self.is_blip2 else 35)
+        self.first_token = None
+        if not (self.is_blip2 or self.is_capfilt):
+            self.first_token = enc_token_id(self.tokenizer, self.model.config.text_config.vocab_size)
         self.image_transform: ImageTransform = load_image_transform(
             config.model, self.model.config.vision_config.image_size
         )
@@ -75,12 +80,20 @@ class Scorer:
         if not flat:
             return [[] for _ in texts]
         pixel_values = pixel_values.to(self.device, vision_dtype(self.model), non_blocking=True)
-        image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state  # (B, N, D)
+        if self.is_capfilt:
+            image_embeds = self.model.encode_image(pixel_values)  # (B, N, D), through its trained LayerNorm
+        else:
+            image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state  # (B, N, D)
         image_embeds = image_embeds.index_select(0, owner)  # (T, N, D): one row per caption, no ViT rerun
         tokens = self.tokenizer(
             flat, padding="longest", truncation=True, max_length=self.max_text_length, return_tensors="pt"
         ).to(self.device)
-        logits = self._itm_logits_blip2(image_embeds, tokens) if self.is_blip2 else self._itm_logits(image_embeds, tokens)
+        if self.is_capfilt:
+            logits = self.model.itm_logits(image_embeds, tokens.input_ids, tokens.attention_mask)
+        elif self.is_blip2:
+            logits = self._itm_logits_blip2(image_embeds, tokens)
+        else:
+            logits = self._itm_logits(image_embeds, tokens)
         scores = logits.float().softmax(dim=-1)[:, 1].tolist()
         out, start = [], 0
         for group in texts:

@@ -1,4 +1,5 @@
-"""Tiny random BLIP / BLIP-2 checkpoints (captioners and ITM filters) for tests, benchmarks and smoke runs.
+"""Tiny random BLIP / BLIP-2 checkpoints (captioners and ITM filters) and Q-Former pre-training parts, for
+tests, benchmarks and smoke runs.
 
 They are built from configs, saved with their processors, and meant to be loaded back through
 `from_pretrained(dir)`, the same path a user's checkpoint takes. Sizes are parameters, so a benchmark can
@@ -11,11 +12,14 @@ from pathlib import Path
 
 import torch
 
+from capfilt.synth import COLOURS, POSITIONS, SHAPES
+
 WORDS = (
     "a an the of in on with and at to is are picture photo man woman people dog cat bus train red blue green "
     "white black sitting standing street table plate food pizza sky water two three large small near next "
     "field grass building car truck bird horse bed room kitchen"
 ).split()
+WORDS += sorted({w for phrase in [*COLOURS, *SHAPES, *POSITIONS.values()] for w in phrase.split()} - set(WORDS))
 
 
 def _bert_tokenizer():
@@ -115,3 +119,26 @@ def build_tiny_models(root: Path, hidden: int = 32, layers: int = 2, image_size:
         itm.itm_head.weight.normal_(0, 0.5)
     paths["blip2_itm"] = _save(itm, bert, root / "blip2_itm", BlipProcessor)
     return paths
+
+
+def build_tiny_qformer_parts(root: Path, hidden: int = 32, image_size: int = 32, seed: int = 0) -> dict[str, str]:
+    """The pieces `capfilt pretrain` starts from, tiny and saved: a frozen BLIP-2 vision tower, the Q-Former's
+    BERT-style tokenizer (with the synthetic world's words) and a causal LLM (OPT) with its tokenizer."""
+    from transformers import Blip2VisionConfig, Blip2VisionModel, OPTConfig, OPTForCausalLM
+
+    root = Path(root)
+    torch.manual_seed(seed)
+    vision = Blip2VisionModel(Blip2VisionConfig(
+        hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=2, num_attention_heads=2,
+        image_size=image_size, patch_size=8, initializer_range=0.02))  # its default (1e-10) gives a constant tower
+    vision.save_pretrained(root / "vision")
+    _image_processor(image_size).save_pretrained(root / "vision")
+    _bert_tokenizer().save_pretrained(root / "tokenizer")
+    llm_tok = _llm_tokenizer()
+    llm = OPTForCausalLM(OPTConfig(
+        vocab_size=len(llm_tok), hidden_size=hidden, ffn_dim=4 * hidden, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=128, word_embed_proj_dim=hidden, bos_token_id=llm_tok.bos_token_id,
+        eos_token_id=llm_tok.eos_token_id, pad_token_id=llm_tok.pad_token_id, init_std=0.2))
+    llm.save_pretrained(root / "llm")
+    llm_tok.save_pretrained(root / "llm")
+    return {"vision": str(root / "vision"), "tokenizer": str(root / "tokenizer"), "llm": str(root / "llm")}

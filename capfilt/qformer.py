@@ -1,0 +1,433 @@
+"""capfilt's BLIP-2 model: a frozen image encoder, a Q-Former trained with ITC + ITM + ITG (stage 1), and,
+from stage 2 on, a frozen causal LLM behind one linear projection.
+
+The Q-Former is transformers' own `Blip2QFormerModel` (with its text path) and the parameter names follow
+`Blip2ForImageTextRetrieval` / `Blip2ForConditionalGeneration`, so a model on a BLIP-2 vision tower exports
+to plain transformers by renaming one LayerNorm (`capfilt export`). What transformers lacks, the stage-1
+losses and their masks, lives in `capfilt/losses.py`.
+
+The image encoder can be any Hugging Face vision tower (CLIP, SigLIP, ViT, DINOv2, BLIP / BLIP-2 vision) or
+EfficientNet-Lite0. Its final LayerNorm, when it has one, is moved out of the frozen tower into the trainable
+`ln_vision` (BLIP-2's "trainable LayerNorm on the frozen ViT"), starting from the pretrained values.
+
+A saved model is one `from_pretrained` directory holding all of it, frozen parts included, so a run
+directory serves as `--captioner` and `--filter` as it is.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, PreTrainedConfig,
+                          PreTrainedModel, initialization as init)
+from transformers.configuration_utils import SubConfigSpec
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.blip_2.configuration_blip_2 import Blip2QFormerConfig
+from transformers.models.blip.modeling_blip import BlipVisionModel
+from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2TextEmbeddings, Blip2VisionModel
+
+from capfilt import efficientnet, losses  # importing efficientnet registers it with AutoConfig / AutoModel
+from capfilt.checkpoint import load_config, load_image_transform, load_tokenizer
+from capfilt.errors import CapfiltError
+
+MODEL_TYPE = "capfilt-qformer"
+LLM_TOKENIZER = "llm_tokenizer"  # a stage-2 model's LLM tokenizer, beside the Q-Former's at the root
+FINAL_NORMS = ("post_layernorm", "vision_model.post_layernorm", "layernorm")
+# Vision towers AutoModel does not map (they normally live inside their composite model).
+UNMAPPED_TOWERS = {"blip_2_vision_model": Blip2VisionModel, "blip_vision_model": BlipVisionModel}
+TEXT_FFN = re.compile(r"\.layer\.\d+\.(intermediate|output)\.")  # the text-only feed-forward blocks
+
+
+@strict
+class QFormerConfig(PreTrainedConfig):
+    """vision_config: the frozen tower's config (any AutoConfig vision model); qformer_config: the Q-Former
+    (`encoder_hidden_size` follows the tower); text_config: the frozen LLM's, from stage 2 on."""
+
+    model_type = MODEL_TYPE
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="blip_2_vision_model"),
+        "qformer_config": Blip2QFormerConfig,
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama", optional=True),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    qformer_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    num_query_tokens: int = 32
+    embed_dim: int = 256  # ITC projection width
+    max_text_length: int = 32
+    prompt: str = ""  # the LLM prompt stage 2 trained behind the queries
+    decoder_token_id: int | None = None  # [DEC], which replaces [CLS] for ITG
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
+        self.qformer_config.use_qformer_text_input = True  # ITC/ITM/ITG run text through the Q-Former
+        if self.num_query_tokens < 1 or self.embed_dim < 1 or self.max_text_length < 2:
+            raise ValueError("num_query_tokens and embed_dim must be >= 1 and max_text_length >= 2")
+
+
+@dataclass
+class QFormerOutput(ModelOutput):
+    """Scalar losses of one training step. Stage 1 fills itc, itm and itg (loss = their unweighted sum);
+    stage 2 fills lm (loss = lm)."""
+
+    loss: torch.Tensor | None = None
+    loss_itc: torch.Tensor | None = None
+    loss_itm: torch.Tensor | None = None
+    loss_itg: torch.Tensor | None = None
+    loss_lm: torch.Tensor | None = None
+
+
+class ITGHead(nn.Module):
+    """BERT's LM head shape (transform, then vocabulary projection) for the image-grounded text generation."""
+
+    def __init__(self, config: Blip2QFormerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = nn.GELU()
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.LayerNorm(self.act(self.dense(hidden))))
+
+
+def vision_class(config: PreTrainedConfig) -> type[PreTrainedModel] | None:
+    return UNMAPPED_TOWERS.get(config.model_type) or AutoModel._model_mapping.get(type(config), None)
+
+
+def take_final_norm(tower: nn.Module) -> nn.LayerNorm | None:
+    """Remove the tower's final LayerNorm (replaced by Identity) and return it; None if it has none."""
+    for path in FINAL_NORMS:
+        try:
+            norm = tower.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(norm, nn.LayerNorm):
+            tower.set_submodule(path, nn.Identity())
+            return norm
+    return None
+
+
+class QFormerModel(PreTrainedModel):
+    config_class = QFormerConfig
+    base_model_prefix = "qformer_model"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    _supports_sdpa = True
+
+    def __init__(self, config: QFormerConfig):
+        super().__init__(config)
+        qcfg = config.qformer_config
+        self.vision_model = vision_class(config.vision_config)._from_config(config.vision_config)
+        norm = take_final_norm(self.vision_model)
+        width = config.vision_config.hidden_size
+        self.ln_vision = nn.LayerNorm(width, eps=norm.eps if norm is not None else 1e-6)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qcfg.hidden_size))
+        self.embeddings = Blip2TextEmbeddings(qcfg)
+        self.qformer = Blip2QFormerModel(qcfg)
+        self.vision_projection = nn.Linear(qcfg.hidden_size, config.embed_dim)
+        self.text_projection = nn.Linear(qcfg.hidden_size, config.embed_dim)
+        self.itm_head = nn.Linear(qcfg.hidden_size, 2)
+        self.itg_head = ITGHead(qcfg)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        if config.text_config is not None:
+            self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+            self.language_projection = nn.Linear(qcfg.hidden_size, config.text_config.hidden_size)
+        self.post_init()
+        self.freeze(stage=2 if config.text_config is not None else 1)
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, QFormerModel):
+            init.normal_(module.query_tokens, mean=0.0, std=self.config.initializer_range)
+            init.constant_(module.temp, 0.07)
+        elif isinstance(module, Blip2TextEmbeddings):
+            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+
+    @property
+    def has_language_model(self) -> bool:
+        return self.config.text_config is not None
+
+    def freeze(self, stage: int) -> None:
+        """Frozen: the image encoder and the LLM, always. Stage 2 trains only what its loss reaches (queries,
+        ln_vision, the Q-Former's query path, the projection), which also keeps DDP free of unused parameters."""
+        for name, param in self.named_parameters():
+            if name.startswith(("vision_model.", "language_model.")):
+                param.requires_grad_(False)
+            elif stage == 2:
+                on_path = name.startswith(("query_tokens", "ln_vision.", "qformer.", "language_projection."))
+                param.requires_grad_(on_path and not TEXT_FFN.search(name))
+            else:
+                param.requires_grad_(True)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vision_model.eval()  # frozen parts stay in eval mode: no dropout, batch-norm statistics fixed
+        if self.has_language_model:
+            self.language_model.eval()
+        return self
+
+    # ------------------------------------------------------------------------------------------- features
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, N, D) frozen tower tokens through the trainable LayerNorm."""
+        dtype = next(self.vision_model.parameters()).dtype
+        with torch.no_grad():
+            tokens = self.vision_model(pixel_values=pixel_values.to(dtype)).last_hidden_state
+        return self.ln_vision(tokens.to(self.ln_vision.weight.dtype))
+
+    def query_outputs(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Queries alone (they see only each other) cross-attending to the image: (B, N, D) -> (B, Q, H)."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.qformer(query_embeds=queries, encoder_hidden_states=image_embeds).last_hidden_state
+
+    def text_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Text alone (it sees only text, no image): (B, T) -> (B, T, H)."""
+        embeds = self.embeddings(input_ids=input_ids)
+        return self.qformer(query_embeds=embeds, query_length=0, attention_mask=attention_mask).last_hidden_state
+
+    def image_feats(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """ITC image features, one per query, L2-normalised: (B, Q, E)."""
+        return F.normalize(self.vision_projection(self.query_outputs(image_embeds)), dim=-1)
+
+    def text_feats(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """ITC text feature from the `[CLS]` position, L2-normalised: (B, E)."""
+        return F.normalize(self.text_projection(self.text_outputs(input_ids, attention_mask)[:, 0]), dim=-1)
+
+    def _joint(self, image_embeds, input_ids, attention_mask) -> torch.Tensor:
+        """Queries and text in one pass; `attention_mask` is (B, T) padding (bidirectional) or a 4-D additive
+        mask over the Q+T positions. -> (B, Q+T, H)."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        embeds = self.embeddings(input_ids=input_ids, query_embeds=queries)
+        if attention_mask.dim() == 2:
+            attention_mask = torch.cat([torch.ones_like(attention_mask[:, :1]).expand(-1, queries.shape[1]),
+                                        attention_mask], dim=1)
+        return self.qformer(query_embeds=embeds, query_length=queries.shape[1], attention_mask=attention_mask,
+                            encoder_hidden_states=image_embeds).last_hidden_state
+
+    def itm_logits(self, image_embeds, input_ids, attention_mask) -> torch.Tensor:
+        """Match / no-match logits, the ITM head averaged over the query outputs: (B, 2)."""
+        hidden = self._joint(image_embeds, input_ids, attention_mask)[:, : self.config.num_query_tokens]
+        return self.itm_head(hidden).mean(dim=1)
+
+    def itg_logits(self, image_embeds, input_ids, attention_mask) -> torch.Tensor:
+        """Next-token logits at the text positions under the multimodal causal mask: (B, T, V). input_ids must
+        start with `[DEC]`."""
+        mask = losses.itg_mask(self.config.num_query_tokens, attention_mask, self.query_tokens.dtype)
+        hidden = self._joint(image_embeds, input_ids, mask)[:, self.config.num_query_tokens :]
+        return self.itg_head(hidden)
+
+    def language_prefix(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """The soft visual prompt: query outputs projected to the LLM's width, (B, Q, D_llm)."""
+        prefix = self.language_projection(self.query_outputs(image_embeds))
+        return prefix.to(self.language_model.get_input_embeddings().weight.dtype)
+
+    # ------------------------------------------------------------------------------------------- training
+
+    def forward(self, pixel_values, input_ids=None, attention_mask=None, sample_ids=None, negatives_seed: int = 0,
+                llm_input_ids=None, llm_attention_mask=None, llm_labels=None) -> QFormerOutput:
+        """Stage 1 when `llm_labels` is None (input_ids / attention_mask: (B, T) Q-Former tokens starting with
+        `[CLS]`; sample_ids: (B,) equal for copies of one image; negatives_seed fixes the hard-negative draw),
+        stage 2 otherwise (llm_*: (B, L) LLM tokens, labels -100 on prompt and padding)."""
+        image_embeds = self.encode_image(pixel_values)
+        if llm_labels is not None:
+            return self._stage2(image_embeds, llm_input_ids, llm_attention_mask, llm_labels)
+        if sample_ids is None:
+            sample_ids = torch.arange(input_ids.shape[0], device=input_ids.device) + losses.row_offset(input_ids.shape[0])
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+
+        loss_itc, sim_i2t, sim_t2i = losses.itc_loss(
+            self.image_feats(image_embeds), self.text_feats(input_ids, attention_mask), self.temp)
+
+        batch = input_ids.shape[0]
+        neg_text, neg_image = losses.itm_pairs(sim_i2t, sim_t2i, sample_ids, negatives_seed)
+        all_images = losses.gather(image_embeds)
+        all_ids = losses.gather(input_ids, grad=False)
+        all_mask = losses.gather(attention_mask, grad=False)
+        pair_images = torch.cat([image_embeds, all_images[neg_image], image_embeds])
+        pair_ids = torch.cat([input_ids, input_ids, all_ids[neg_text]])
+        pair_mask = torch.cat([attention_mask, attention_mask, all_mask[neg_text]])
+        logits = self.itm_logits(pair_images, pair_ids, pair_mask)
+        loss_itm = F.cross_entropy(logits.float(), losses.itm_labels(batch, logits.device))
+
+        dec_ids = input_ids.clone()
+        dec_ids[:, 0] = self.config.decoder_token_id
+        loss_itg = losses.itg_loss(self.itg_logits(image_embeds, dec_ids, attention_mask), dec_ids, attention_mask)
+        return QFormerOutput(loss=loss_itc + loss_itm + loss_itg, loss_itc=loss_itc, loss_itm=loss_itm,
+                             loss_itg=loss_itg)
+
+    def _stage2(self, image_embeds, llm_input_ids, llm_attention_mask, llm_labels) -> QFormerOutput:
+        prefix = self.language_prefix(image_embeds)
+        embeds = torch.cat([prefix, self.language_model.get_input_embeddings()(llm_input_ids)], dim=1)
+        ones = torch.ones(prefix.shape[:2], dtype=llm_attention_mask.dtype, device=prefix.device)
+        ignore = torch.full(prefix.shape[:2], losses.IGNORE, dtype=llm_labels.dtype, device=prefix.device)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=torch.cat([ones, llm_attention_mask], dim=1),
+                                  labels=torch.cat([ignore, llm_labels], dim=1))
+        return QFormerOutput(loss=out.loss, loss_lm=out.loss)
+
+    # ------------------------------------------------------------------------------------------- inference
+
+    @torch.no_grad()
+    def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask=None, **kwargs):
+        """Captions from the LLM behind the visual prompt. input_ids: (B, P) the prompt in the LLM's tokens.
+        Returns only the new tokens, (B * num_return_sequences, L)."""
+        prefix = self.language_prefix(self.encode_image(pixel_values))
+        embeds = torch.cat([prefix, self.language_model.get_input_embeddings()(input_ids)], dim=1)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        if attention_mask is not None:
+            mask[:, prefix.shape[1] :] = attention_mask
+        return self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+
+
+AutoConfig.register(MODEL_TYPE, QFormerConfig)
+AutoModel.register(QFormerConfig, QFormerModel)
+
+
+# ----------------------------------------------------------------------------------------------- building
+
+
+@dataclass(frozen=True)
+class QFormerShape:
+    """Sizes of a new Q-Former. BLIP-2's are the defaults (BERT-base, 32 queries, cross-attention every 2nd
+    layer, 256-d ITC space, 32 text tokens). With `init_from` (a BERT checkpoint), width, depth and heads
+    are BERT's and its weights seed the self-attention, both feed-forward paths and the ITG head."""
+
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    num_query_tokens: int = 32
+    cross_attention_frequency: int = 2
+    embed_dim: int = 256
+    max_text_length: int = 32
+    dropout: float = 0.1
+    initializer_range: float = 0.02
+    init_from: str | None = None
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise CapfiltError(f"Q-Former width {self.hidden_size} is not a multiple of its {self.num_heads} heads")
+        if min(self.hidden_size, self.num_layers, self.num_query_tokens, self.cross_attention_frequency,
+               self.embed_dim) < 1 or self.max_text_length < 2:
+            raise CapfiltError("Q-Former sizes must be positive (and max_text_length at least 2)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise CapfiltError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+def load_vision_tower(name: str) -> PreTrainedModel:
+    """A pretrained vision tower by Hub id or local dir (a vision model, or a composite like CLIP / BLIP-2 whose
+    `vision_config` is taken), or EfficientNet-Lite0 weights in their original `.pth` layout."""
+    if name.endswith(".pth"):
+        return efficientnet.load_lukemelas_checkpoint(name)
+    config = load_config(name, "vision tower")
+    vision_config = getattr(config, "vision_config", None) or config
+    cls = vision_class(vision_config)
+    if cls is None:
+        raise CapfiltError(f"vision tower {name!r} is a {config.model_type!r} checkpoint, not a vision model")
+    tower, info = cls.from_pretrained(name, config=vision_config, output_loading_info=True)
+    if vision_config is not config and len(info["missing_keys"]) == len(tower.state_dict()):
+        # Composites like BLIP-2 keep the tower under `vision_model.` while its own class does not.
+        tower = cls.from_pretrained(name, config=vision_config, key_mapping={r"^vision_model\.": ""})
+    return tower.eval()
+
+
+def vision_image_processor(name: str, tower: PreTrainedModel):
+    """The preprocessing the tower was trained with, saved into every run directory."""
+    if isinstance(tower, efficientnet.EfficientNetLiteModel):
+        return efficientnet.image_processor(tower.config)
+    return load_image_transform(name, tower.config.image_size).processor
+
+
+def qformer_tokenizer(name: str):
+    """A BERT-style tokenizer with BLIP-2's `[DEC]` added as its bos token (ITG's first token)."""
+    tokenizer = load_tokenizer(name, "Q-Former tokenizer")
+    if tokenizer.bos_token != "[DEC]":
+        tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    if tokenizer.cls_token is None or tokenizer.pad_token is None:
+        raise CapfiltError(f"Q-Former tokenizer {name!r} needs [CLS] and [PAD] tokens (a BERT-style tokenizer)")
+    return tokenizer
+
+
+def build_stage1(vision: str, tokenizer, shape: QFormerShape) -> QFormerModel:
+    """A new stage-1 model: the pretrained tower (its final norm moved into ln_vision), a fresh or BERT-seeded
+    Q-Former sized for `tokenizer`."""
+    tower = load_vision_tower(vision)
+    qformer_config = Blip2QFormerConfig(
+        vocab_size=len(tokenizer), hidden_size=shape.hidden_size, num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads, intermediate_size=4 * shape.hidden_size,
+        cross_attention_frequency=shape.cross_attention_frequency, pad_token_id=tokenizer.pad_token_id,
+        hidden_dropout_prob=shape.dropout, attention_probs_dropout_prob=shape.dropout,
+        max_position_embeddings=max(512, shape.max_text_length))
+    bert = None
+    if shape.init_from is not None:
+        bert = AutoModelForMaskedLM.from_pretrained(shape.init_from)
+        b = bert.config
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                    "max_position_embeddings", "layer_norm_eps"):
+            setattr(qformer_config, key, getattr(b, key))
+    config = QFormerConfig(vision_config=tower.config.to_dict(), qformer_config=qformer_config,
+                           num_query_tokens=shape.num_query_tokens, embed_dim=shape.embed_dim,
+                           max_text_length=shape.max_text_length, decoder_token_id=tokenizer.bos_token_id,
+                           initializer_range=shape.initializer_range)
+    model = QFormerModel(config)
+    norm = take_final_norm(tower)
+    model.vision_model.load_state_dict(tower.state_dict())
+    if norm is not None:
+        model.ln_vision.load_state_dict(norm.state_dict())
+    if bert is not None:
+        _load_bert(model, bert.state_dict())
+    return model
+
+
+# Q-Former parameter -> BERT (masked-LM) parameter; both feed-forward paths start from BERT's one.
+BERT_KEYS = [
+    (r"^embeddings\.(word|position)_embeddings\.", r"bert.embeddings.\1_embeddings."),
+    (r"^qformer\.layernorm\.", "bert.embeddings.LayerNorm."),
+    (r"^qformer\.encoder\.layer\.(\d+)\.attention\.attention\.", r"bert.encoder.layer.\1.attention.self."),
+    (r"^qformer\.encoder\.layer\.(\d+)\.attention\.output\.", r"bert.encoder.layer.\1.attention.output."),
+    (r"^qformer\.encoder\.layer\.(\d+)\.intermediate(_query)?\.", r"bert.encoder.layer.\1.intermediate."),
+    (r"^qformer\.encoder\.layer\.(\d+)\.output(_query)?\.", r"bert.encoder.layer.\1.output."),
+    (r"^itg_head\.(dense|LayerNorm)\.", r"cls.predictions.transform.\1."),
+    (r"^itg_head\.decoder\.weight$", "bert.embeddings.word_embeddings.weight"),
+    (r"^itg_head\.decoder\.bias$", "cls.predictions.bias"),
+]
+
+
+def _load_bert(model: QFormerModel, bert: dict[str, torch.Tensor]) -> None:
+    """Copy BERT's weights in; the rows of tokens BERT lacks (`[DEC]`) keep their random init."""
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, param in state.items():
+            for pattern, target in BERT_KEYS:
+                if re.match(pattern, name):
+                    source = bert[re.sub(pattern, target, name)]
+                    rows = min(source.shape[0], param.shape[0])
+                    param[:rows].copy_(source[:rows])
+                    break
+
+
+def attach_language_model(model: QFormerModel, llm: str, prompt: str) -> QFormerModel:
+    """Stage 2 from a stage-1 model: add the frozen causal LLM and a fresh projection to its width."""
+    config = load_config(llm, "LLM")
+    if AutoModelForCausalLM._model_mapping.get(type(config), None) is None:
+        raise CapfiltError(f"LLM {llm!r} is a {config.model_type!r} checkpoint, not a causal language model")
+    language_model = AutoModelForCausalLM.from_pretrained(llm)
+    config = copy.deepcopy(model.config)  # the stage-1 model stays a stage-1 model
+    config.text_config = language_model.config
+    config.prompt = prompt
+    stage2 = QFormerModel(config)
+    weights = {**model.state_dict(), **{f"language_model.{k}": v for k, v in language_model.state_dict().items()}}
+    result = stage2.load_state_dict(weights, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("language_projection.")]
+    if missing or result.unexpected_keys:
+        raise CapfiltError(f"LLM {llm!r} does not fit: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+    return stage2
