@@ -168,5 +168,18 @@ def itg_loss(logits: torch.Tensor, input_ids: torch.Tensor, text_mask: torch.Ten
     """Next-token loss over the caption. logits: (B, T, V) at the text positions (position 0 holds `[DEC]`);
     input_ids, text_mask: (B, T). Position t predicts token t+1; padding targets are ignored."""
     targets = input_ids[:, 1:].masked_fill(text_mask[:, 1:] == 0, IGNORE)
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE, label_smoothing=LABEL_SMOOTHING)
+    total = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                            ignore_index=IGNORE, label_smoothing=LABEL_SMOOTHING, reduction="sum")
+    return total / tokens_per_rank(targets)
+
+
+def tokens_per_rank(targets: torch.Tensor) -> torch.Tensor:
+    """The number of scored targets (not IGNORE) over all ranks, divided by the number of ranks. A rank's
+    token-summed loss divided by this, after DDP's gradient averaging, is the mean over the global batch's
+    tokens; dividing by the rank's own count would weigh a rank with short captions more."""
+    count = (targets != IGNORE).sum().float()
+    if distributed():
+        count = count.clone()
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return count.clamp(min=1.0)

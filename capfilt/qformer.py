@@ -153,6 +153,13 @@ class QFormerModel(PreTrainedModel):
         elif isinstance(module, Blip2TextEmbeddings):
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.freeze(stage=2 if model.has_language_model else 1)  # loading builds fresh, trainable parameters
+        return loaded
+
     @property
     def has_language_model(self) -> bool:
         return self.config.text_config is not None
@@ -271,8 +278,9 @@ class QFormerModel(PreTrainedModel):
         embeds = torch.cat([prefix, self.language_model.get_input_embeddings()(llm_input_ids)], dim=1)
         ones = torch.ones(prefix.shape[:2], dtype=llm_attention_mask.dtype, device=prefix.device)
         ignore = torch.full(prefix.shape[:2], losses.IGNORE, dtype=llm_labels.dtype, device=prefix.device)
+        labels = torch.cat([ignore, llm_labels], dim=1)
         out = self.language_model(inputs_embeds=embeds, attention_mask=torch.cat([ones, llm_attention_mask], dim=1),
-                                  labels=torch.cat([ignore, llm_labels], dim=1))
+                                  labels=labels, num_items_in_batch=losses.tokens_per_rank(labels[:, 1:]))
         return QFormerOutput(loss=out.loss, loss_lm=out.loss)
 
     # ------------------------------------------------------------------------------------------- inference

@@ -1,0 +1,232 @@
+"""The Q-Former's masks and stage-1 losses, checked on a tiny model through its outputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from capfilt import losses
+from capfilt.pairs import PairBatch
+from capfilt.pretrain import Tokenize
+from capfilt.qformer import QFormerModel, QFormerShape, attach_language_model, build_stage1, qformer_tokenizer
+from capfilt.testing import build_tiny_qformer_parts
+
+SHAPE = QFormerShape(hidden_size=32, num_layers=2, num_heads=2, num_query_tokens=4, embed_dim=16, dropout=0.0,
+                     initializer_range=0.2)
+CAPTIONS = ["a red circle on the left", "a blue square at the top", "two green triangles in the middle and a dog",
+            "a yellow circle"]
+
+
+@pytest.fixture(scope="session")
+def qformer_parts(tmp_path_factory) -> dict[str, str]:
+    return build_tiny_qformer_parts(tmp_path_factory.mktemp("qformer_parts"))
+
+
+@pytest.fixture(scope="module")
+def model(qformer_parts):
+    torch.manual_seed(0)
+    return build_stage1(qformer_parts["vision"], qformer_tokenizer(qformer_parts["tokenizer"]), SHAPE).eval()
+
+
+@pytest.fixture(scope="module")
+def inputs(model, qformer_parts):
+    torch.manual_seed(1)
+    tokens = qformer_tokenizer(qformer_parts["tokenizer"])(CAPTIONS, padding="max_length", max_length=16,
+                                                           return_tensors="pt")
+    return torch.randn(4, 3, 32, 32), tokens.input_ids, tokens.attention_mask
+
+
+# ----------------------------------------------------------------------------------------------- masks
+
+
+@torch.no_grad()
+def test_itc_queries_never_see_text_and_text_never_sees_the_image(model, inputs):
+    pixels, ids, mask = inputs
+    embeds = model.encode_image(pixels)
+    other_ids = ids.flip(0)
+    assert torch.equal(model.image_feats(embeds), model.image_feats(embeds))
+    text = model.text_feats(ids, mask)
+    assert not torch.allclose(text, model.text_feats(other_ids, mask.flip(0)))
+    # queries alone give the same features whatever the captions; text alone ignores the image entirely
+    assert torch.allclose(model.text_feats(ids, mask), text)
+    assert torch.allclose(model.query_outputs(embeds), model.query_outputs(embeds.clone()))
+    assert model.text_outputs(ids, mask).shape == (4, 16, 32)
+
+
+@torch.no_grad()
+def test_itg_queries_see_only_queries_and_text_is_causal(model, inputs):
+    pixels, ids, mask = inputs
+    embeds = model.encode_image(pixels)
+    q = model.config.num_query_tokens
+    itg_mask = losses.itg_mask(q, mask, torch.float32)
+    joint = model._joint(embeds, ids, itg_mask)
+    # queries under the ITG mask are exactly the queries alone: they cannot peek at the caption
+    assert torch.allclose(joint[:, :q], model.query_outputs(embeds), atol=1e-5)
+    # changing token 5 changes nothing before it and something after it
+    changed = ids.clone()
+    changed[:, 5] = (changed[:, 5] + 7) % 50 + 5
+    after = model._joint(embeds, changed, itg_mask)
+    assert torch.allclose(after[:, : q + 5], joint[:, : q + 5], atol=1e-5)
+    assert not torch.allclose(after[:, q + 5 :], joint[:, q + 5 :], atol=1e-4)
+    # every text position sees the image through the queries
+    other_image = model._joint(embeds.flip(0), ids, itg_mask)
+    assert (other_image[:, q:] - joint[:, q:]).abs().amax(dim=-1).gt(1e-5).all()
+
+
+@torch.no_grad()
+def test_padding_never_contributes(model, inputs):
+    pixels, ids, mask = inputs
+    embeds = model.encode_image(pixels)
+    padded = ids.masked_fill(mask == 0, 17)  # garbage where the padding is
+    real = mask.bool()
+    assert torch.allclose(model.text_feats(padded, mask), model.text_feats(ids, mask), atol=1e-6)
+    assert torch.allclose(model.itm_logits(embeds, padded, mask), model.itm_logits(embeds, ids, mask), atol=1e-6)
+    a, b = model.itg_logits(embeds, padded, mask), model.itg_logits(embeds, ids, mask)
+    assert torch.allclose(a[real], b[real], atol=1e-5)
+    # and the ITG loss ignores padding targets whatever their ids
+    assert losses.itg_loss(b, padded, mask) == pytest.approx(losses.itg_loss(b, ids, mask).item(), rel=1e-6)
+
+
+def test_itg_mask_shape_and_rules():
+    mask = torch.tensor([[1, 1, 1, 0]])
+    allowed = losses.itg_mask(2, mask, torch.float32)[0, 0] == 0
+    expected = torch.tensor([
+        [1, 1, 0, 0, 0, 0],  # queries: queries only
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],  # text: all queries, earlier text
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 1, 0],  # a padding row sees the queries and the real text, never padding
+    ], dtype=torch.bool)
+    assert torch.equal(allowed, expected)
+
+
+# ----------------------------------------------------------------------------------------------- losses
+
+
+def test_itc_loss_equals_a_direct_computation():
+    torch.manual_seed(0)
+    images = F.normalize(torch.randn(5, 3, 8), dim=-1)
+    texts = F.normalize(torch.randn(5, 8), dim=-1)
+    temp = torch.tensor(0.07)
+    loss, sim_i2t, sim_t2i = losses.itc_loss(images, texts, temp)
+    sims = torch.stack([torch.stack([max(images[i, q] @ texts[t] for q in range(3)) for t in range(5)])
+                        for i in range(5)]) / 0.07
+    eps, n = 0.1, 5
+
+    def smoothed_ce(logits):
+        logp = logits.log_softmax(dim=1)
+        return -((1 - eps) * logp.diagonal() + eps / n * logp.sum(dim=1)).mean()
+
+    assert loss.item() == pytest.approx(((smoothed_ce(sims) + smoothed_ce(sims.t())) / 2).item(), rel=1e-5)
+    assert torch.allclose(sim_i2t, sims, atol=1e-5) and torch.allclose(sim_t2i, sims.t(), atol=1e-5)
+
+
+def test_hard_negatives_never_pick_the_positive_and_follow_the_similarities():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 6) * 3
+    same = torch.eye(6, dtype=torch.bool)
+    counts = torch.zeros(6, 6)
+    for seed in range(3000):
+        noise = losses.negative_noise(seed, 6, 6, torch.device("cpu"))[0]
+        picks = losses.hard_negatives(logits, same, noise)
+        counts[torch.arange(6), picks] += 1
+    assert counts.diagonal().sum() == 0
+    expected = logits.masked_fill(same, float("-inf")).softmax(dim=1)
+    assert torch.allclose(counts / 3000, expected, atol=0.04)
+
+
+def test_hard_negatives_survive_equal_nan_and_inf_similarities():
+    same = torch.eye(4, dtype=torch.bool)
+    noise = losses.negative_noise(0, 4, 4, torch.device("cpu"))[0]
+    for logits in (torch.zeros(4, 4), torch.full((4, 4), float("nan")),
+                   torch.tensor([[float("inf"), float("inf"), 1, float("-inf")]] * 4),
+                   torch.full((4, 4), 65504.0, dtype=torch.float16)):
+        picks = losses.hard_negatives(logits, same, noise)
+        assert (picks != torch.arange(4)).all() and picks.max() < 4
+    # duplicates of one image are never each other's negatives, unless nothing else exists
+    ids = torch.tensor([7, 7, 8, 8])
+    neg_text, neg_image = losses.itm_pairs(torch.zeros(4, 4), torch.zeros(4, 4), ids, seed=3)
+    assert (ids[neg_text] != ids).all() and (ids[neg_image] != ids).all()
+    neg_text, _ = losses.itm_pairs(torch.zeros(2, 2), torch.zeros(2, 2), torch.tensor([5, 5]), seed=3)
+    assert neg_text.tolist() == [1, 0]
+
+
+def test_stage1_step_has_finite_losses_and_trains_every_stage1_parameter(model, inputs):
+    pixels, ids, mask = inputs
+    model.train()
+    try:
+        out = model(pixels, ids, mask, negatives_seed=0)
+        out.loss.backward()
+    finally:
+        model.eval()
+    assert all(math.isfinite(getattr(out, k).item()) for k in ("loss_itc", "loss_itm", "loss_itg"))
+    assert out.loss.item() == pytest.approx((out.loss_itc + out.loss_itm + out.loss_itg).item())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("vision_model.") for n in trainable)
+    assert {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None} == set()
+    model.zero_grad(set_to_none=True)
+
+
+def test_run_directory_round_trips_through_from_pretrained(model, inputs, tmp_path):
+    pixels, ids, mask = inputs
+    model.save_pretrained(tmp_path)
+    loaded = QFormerModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        embeds = model.encode_image(pixels)
+        assert torch.allclose(loaded.encode_image(pixels), embeds)
+        assert torch.allclose(loaded.itm_logits(embeds, ids, mask), model.itm_logits(embeds, ids, mask))
+    assert not any(p.requires_grad for p in loaded.vision_model.parameters())
+
+
+def test_tower_final_norm_moves_into_the_trainable_layernorm(qformer_parts, model):
+    from transformers import Blip2VisionModel
+
+    tower = Blip2VisionModel.from_pretrained(qformer_parts["vision"]).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image(pixels), tower(pixel_values=pixels).last_hidden_state, atol=1e-5)
+    assert model.ln_vision.weight.requires_grad
+
+
+def test_bert_checkpoint_seeds_the_qformer(qformer_parts, tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    tokenizer = qformer_tokenizer(qformer_parts["tokenizer"])
+    bert = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer) - 1, hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=64))
+    bert.save_pretrained(tmp_path / "bert")
+    shape = QFormerShape(num_query_tokens=4, embed_dim=16, init_from=str(tmp_path / "bert"))
+    model = build_stage1(qformer_parts["vision"], tokenizer, shape)
+    sd = bert.state_dict()
+    layer = model.qformer.encoder.layer[1]
+    assert torch.equal(layer.attention.attention.query.weight, sd["bert.encoder.layer.1.attention.self.query.weight"])
+    assert torch.equal(layer.intermediate_query.dense.weight, sd["bert.encoder.layer.1.intermediate.dense.weight"])
+    assert torch.equal(layer.output.LayerNorm.bias, sd["bert.encoder.layer.1.output.LayerNorm.bias"])
+    assert torch.equal(model.embeddings.word_embeddings.weight[:-1], sd["bert.embeddings.word_embeddings.weight"])
+    assert torch.equal(model.qformer.layernorm.weight, sd["bert.embeddings.LayerNorm.weight"])
+    assert model.config.qformer_config.num_hidden_layers == 2
+
+
+def test_stage2_labels_cover_only_the_caption_and_eos(model, qformer_parts):
+    from transformers import AutoTokenizer
+
+    stage2 = attach_language_model(model, qformer_parts["llm"], "a picture of ")
+    assert not model.has_language_model and stage2.has_language_model  # the stage-1 model is left as it was
+    llm_tok = AutoTokenizer.from_pretrained(qformer_parts["llm"])
+    batch = PairBatch(torch.randn(2, 3, 32, 32), ["a dog", "a red bus on the street"], torch.arange(2), ["a", "b"], {})
+    inputs = Tokenize(2, None, 32, llm_tok, "a picture of ")(batch)
+    prompt = len(llm_tok("a picture of ").input_ids)
+    labels, ids = inputs["llm_labels"], inputs["llm_input_ids"]
+    assert (labels[:, :prompt] == -100).all()
+    assert labels[0, prompt:].tolist() == llm_tok("a dog", add_special_tokens=False).input_ids + [llm_tok.eos_token_id] \
+        + [-100] * (ids.shape[1] - prompt - 3)
+    assert torch.equal(inputs["llm_attention_mask"].bool(), (labels != -100) | (torch.arange(ids.shape[1]) < prompt))
+    out = stage2(**inputs)
+    assert math.isfinite(out.loss.item())
+    out.loss.backward()
+    trained = {n.split(".")[0] for n, p in stage2.named_parameters() if p.grad is not None}
+    assert trained == {"query_tokens", "ln_vision", "qformer", "language_projection"}
