@@ -267,6 +267,8 @@ def pretrain(
             keep_checkpoints=keep_checkpoints, log_every=log_every, workers=workers, shuffle_buffer=shuffle_buffer,
             seed=seed, resume=resume, log_with=tuple(log_with or ()))
         summary = run_pretrain(config)
+        if not summary.main_process:
+            return
         if summary.skipped:
             typer.echo("skipped samples: " + ", ".join(f"{k}: {v}" for k, v in sorted(summary.skipped.items())))
         typer.echo(f"trained to step {summary.steps}; model in {summary.out}")

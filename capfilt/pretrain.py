@@ -120,6 +120,7 @@ class PretrainSummary:
     samples: int
     skipped: dict[str, int]
     last: dict[str, float]
+    main_process: bool = True  # under a multi-process launch, only the main one should report
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -297,7 +298,7 @@ def pretrain(config: PretrainConfig) -> PretrainSummary:
                accelerator, start_step=start_step, trainer_state=trainer_state, seed=config.seed,
                log_every=config.log_every, save_every=config.save_every, save=save, log=log)
     accelerator.end_training()
-    return PretrainSummary(str(out), config.optim.steps, samples, skipped, last)
+    return PretrainSummary(str(out), config.optim.steps, samples, skipped, last, accelerator.is_main_process)
 
 
 def _settings(config: PretrainConfig) -> dict:
