@@ -14,10 +14,12 @@ loader by itself (the same `shard_batches`, no model): what it can deliver when 
     python bench/pretrain.py --size base --steps 20 --workers 2 --batch-size 32
 
 Timing: `fit` runs with `log_every=1`, so its `log` callback reports every step's samples and samples/s,
-measured from the end of the previous step to the end of this one (waiting for the batch included). The first
-`--warmup` steps are dropped, which excludes the DataLoader start-up (worker spawn and the shuffle buffer
-filling) and the first, slow steps; the rest are summed: samples / seconds. Workers keep prefetching during
-the warm-up (up to 4 batches each), so the first timed steps may find batches waiting: time enough steps.
+measured from the end of the previous step to the end of this one (waiting for the batch, the step and the
+loss logging included). The first `--warmup` steps are dropped, which excludes the DataLoader start-up (worker
+spawn, the shuffle buffer filling) and the first, slow steps; the rest are summed: samples / seconds. Workers
+keep prefetching during the warm-up (up to 4 batches each), so the first timed steps may find batches waiting:
+time enough steps. On a shared machine, `--repeat N` alternates the two timings N times and keeps the best of
+each (the runs are printed too).
 
 Models are random (a BLIP-2 vision tower saved like `capfilt.testing`'s and the synthetic world's tokenizer),
 so the numbers measure throughput only. `tiny` (tower 32 wide, 32 px) is where loading dominates; `base`
@@ -52,6 +54,7 @@ from capfilt.synth import SynthConfig, write_synth
 from capfilt.testing import build_tiny_qformer_parts
 
 # tower: the frozen BLIP-2 vision model; shape: the Q-Former trained on it.
+KEPT_BATCHES = 16  # in-memory batches, cycled (base: 18 MiB each at batch 32)
 SIZES = {
     "tiny": dict(tower=dict(hidden=32, layers=2, heads=2, image_size=32, patch=8),
                  shape=dict(hidden_size=32, num_layers=2, num_heads=2, num_query_tokens=4, embed_dim=32)),
@@ -106,11 +109,11 @@ def data_only(batches: Iterator[dict], warmup: int, steps: int) -> float:
     return samples / (time.perf_counter() - start)
 
 
-def bench(size: str, samples: int, workers: int, batch_size: int, warmup: int, steps: int, seed: int,
-          root: Path) -> dict:
+def bench(size: str, samples: int, workers: int, batch_size: int, warmup: int, steps: int, repeat: int,
+          seed: int, root: Path) -> dict:
     root.mkdir(parents=True)
     tower, shape = SIZES[size]["tower"], SIZES[size]["shape"]
-    parts_paths = build_tiny_qformer_parts(root / "parts", seed=seed)  # its tokenizer
+    parts_paths = build_tiny_qformer_parts(root / "parts", seed=seed)  # for its tokenizer
     vision = save_tower(root / "vision", **tower, seed=seed)
     corpus = root / "corpus"
     write_synth(corpus, SynthConfig(n=samples, per_shard=max(1, min(10000, samples // 8)),
@@ -126,25 +129,28 @@ def bench(size: str, samples: int, workers: int, batch_size: int, warmup: int, s
     # In memory: the same stream without workers, read and tokenized once; skip reports dropped.
     in_process = shard_batches(dataclasses.replace(config, workers=0), parts, accelerator, 0)
     kept = []
-    while len(kept) < warmup + steps:
+    while len(kept) < min(warmup + steps, KEPT_BATCHES):
         batch = next(in_process)
         batch.pop("skipped", None)
         if "pixel_values" in batch:
             kept.append(batch)
     in_process.close()
-    memory = timed_fit(parts.model, lambda start: (dict(b) for b in itertools.cycle(kept)), warmup, steps, seed)
-    del kept
 
-    parts.model.load_state_dict(initial)  # end to end from the same weights
-    end_to_end = timed_fit(parts.model, lambda start: shard_batches(config, parts, accelerator, start),
-                           warmup, steps, seed)
+    memory, end_to_end = [], []
+    for _ in range(repeat):  # alternated, so a burst of load elsewhere hits both alike
+        parts.model.load_state_dict(initial)
+        memory.append(timed_fit(parts.model, lambda start: (dict(b) for b in itertools.cycle(kept)),
+                                warmup, steps, seed)["per_s"])
+        parts.model.load_state_dict(initial)
+        end_to_end.append(timed_fit(parts.model, lambda start: shard_batches(config, parts, accelerator, start),
+                                    warmup, steps, seed)["per_s"])
     loader = shard_batches(config, parts, accelerator, 0)
     data_per_s = data_only(loader, warmup, steps)
     loader.close()
     return dict(size=size, workers=workers, batch_size=batch_size, steps=steps,
                 params=sum(p.numel() for p in parts.model.parameters() if p.requires_grad),
-                memory_per_s=memory["per_s"], end_to_end_per_s=end_to_end["per_s"], data_per_s=data_per_s,
-                ratio=end_to_end["per_s"] / memory["per_s"])
+                memory_per_s=max(memory), end_to_end_per_s=max(end_to_end), data_per_s=data_per_s,
+                ratio=max(end_to_end) / max(memory), runs=list(zip(memory, end_to_end)))
 
 
 def main() -> None:
@@ -156,11 +162,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--samples", type=int, default=1024, help="synthetic corpus size (8 shards)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="alternate the two timings this many times and keep the best of each")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, help="build everything under this new directory and keep it")
     args = parser.parse_args()
-    if min(args.batch_size, args.steps, args.samples, args.threads) < 1 or args.warmup < 1 or args.workers < 0:
-        parser.error("--batch-size, --steps, --samples, --threads and --warmup must be >= 1, --workers >= 0")
+    if min(args.batch_size, args.steps, args.samples, args.threads, args.repeat, args.warmup) < 1 or args.workers < 0:
+        parser.error("--batch-size, --steps, --samples, --threads, --repeat and --warmup must be >= 1, --workers >= 0")
     if args.keep and args.keep.exists() and any(args.keep.iterdir()):
         parser.error(f"--keep {args.keep}: exists and is not empty")
     torch.set_num_threads(args.threads)
@@ -168,17 +176,20 @@ def main() -> None:
     print("$ python " + shlex.join(sys.argv))
     print(f"torch {torch.__version__}, device cpu, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
           f"thread(s) in the training process, 1 per DataLoader worker; {args.warmup} warm-up + {args.steps} "
-          f"timed steps; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"{'size':<6}{'params':>10}{'batch':>7}{'workers':>9}{'in-memory samples/s':>21}"
+          f"timed steps, best of {args.repeat}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"{'size':<6}{'trainable':>10}{'batch':>7}{'workers':>9}{'in-memory samples/s':>21}"
           f"{'end-to-end samples/s':>22}{'ratio':>7}{'data-only samples/s':>21}")
     root = args.keep or Path(tempfile.mkdtemp(prefix="capfilt-bench-"))
     try:
         for size in sizes:
-            r = bench(size, args.samples, args.workers, args.batch_size, args.warmup, args.steps, args.seed,
-                      root / size)
+            r = bench(size, args.samples, args.workers, args.batch_size, args.warmup, args.steps, args.repeat,
+                      args.seed, root / size)
             print(f"{r['size']:<6}{r['params'] / 1e6:>9.2f}M{r['batch_size']:>7}{r['workers']:>9}"
                   f"{r['memory_per_s']:>21.1f}{r['end_to_end_per_s']:>22.1f}{r['ratio']:>7.2f}"
                   f"{r['data_per_s']:>21.1f}", flush=True)
+            if args.repeat > 1:
+                print("      runs (in-memory, end-to-end): "
+                      + ", ".join(f"({m:.1f}, {e:.1f})" for m, e in r["runs"]), flush=True)
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -129,3 +129,32 @@ def test_lukemelas_state_dict_with_wrong_keys_or_shapes_is_refused():
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError, match="EfficientNetLiteConfig"):
         EfficientNetLiteConfig(**bad)
+
+
+def test_lite0_weights_file_is_a_pretrain_tower_and_the_run_a_filter(tmp_path):
+    """`--vision efficientnet-lite0.pth` all the way: two stage-1 steps, then the run directory scores captions."""
+    import json
+
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from capfilt.synth import SynthConfig, write_synth
+    from capfilt.testing import _bert_tokenizer
+    from cli import app
+
+    torch.save(to_lukemelas(random_model(EfficientNetLiteConfig()).state_dict()), tmp_path / "lite0.pth")
+    _bert_tokenizer().save_pretrained(tmp_path / "tok")
+    write_synth(tmp_path / "synth", SynthConfig(n=8, per_shard=8, size=48, seed=0))
+    runner = CliRunner()
+    result = runner.invoke(app, ["pretrain", str(tmp_path / "synth"), "--out", str(tmp_path / "run"),
+                                 "--vision", str(tmp_path / "lite0.pth"), "--tokenizer", str(tmp_path / "tok"),
+                                 "--hidden-size", "32", "--layers", "2", "--heads", "2", "--queries", "4",
+                                 "--embed-dim", "16", "--steps", "2", "--batch-size", "4", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    processor = json.loads((tmp_path / "run" / "preprocessor_config.json").read_text())
+    assert processor["size"] == {"height": 224, "width": 224}
+    result = runner.invoke(app, ["filter", str(tmp_path / "synth"), "--out", str(tmp_path / "filtered"),
+                                 "--filter", str(tmp_path / "run"), "--workers", "0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(tmp_path / "filtered" / "synth-00000.parquet").to_pylist()
+    assert len(rows) == 8 and all(0.0 <= r["web_score"] <= 1.0 for r in rows)
