@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from capfilt.reader import Sample, _die_with_parent, decode_image, read_shard, shard_name
+from capfilt.reader import Sample, decode_image, die_with_parent, read_shard, shard_name
 from capfilt.text import clean_caption
 
 
@@ -142,9 +142,13 @@ def _shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[A
     yield from buffer
 
 
+def _as_is(batch: PairBatch) -> PairBatch:
+    return batch
+
+
 def load_pairs(stream: PairStream, workers: int, pin_memory: bool = False) -> Iterator[PairBatch]:
     """Decode and preprocess in `workers` processes while the model computes."""
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                        prefetch_factor=4 if workers else None, collate_fn=lambda b: b,
-                        worker_init_fn=_die_with_parent if workers else None)
+                        prefetch_factor=4 if workers else None, collate_fn=_as_is,
+                        worker_init_fn=die_with_parent if workers else None)
     return iter(loader)

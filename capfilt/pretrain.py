@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from capfilt.errors import CapfiltError
 from capfilt.pairs import PairBatch, PairStream, load_pairs
-from capfilt.qformer import (LLM_TOKENIZER, QFormerModel, QFormerShape, attach_language_model, build_stage1, load_vision_tower,
+from capfilt.qformer import (LLM_TOKENIZER, QFormerModel, QFormerShape, attach_language_model, build_stage1,
                              qformer_tokenizer, vision_image_processor)
 from capfilt.checkpoint import ImageTransform, load_tokenizer
 from capfilt.reader import expand_specs
@@ -209,7 +209,7 @@ def build(config: PretrainConfig, resume_from: Path | None) -> Parts:
     if config.stage == 1:
         tokenizer = qformer_tokenizer(config.tokenizer or config.shape.init_from)
         model = build_stage1(config.vision, tokenizer, config.shape)
-        return Parts(model, tokenizer, None, vision_image_processor(config.vision, load_vision_tower(config.vision)))
+        return Parts(model, tokenizer, None, vision_image_processor(config.vision, model.vision_model))
     stage1 = load_parts(config.init)
     if stage1.model.has_language_model:
         raise CapfiltError(f"--init {config.init!r} is already a stage-2 model; give a stage-1 run directory")

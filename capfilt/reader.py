@@ -298,7 +298,7 @@ def _identity(item):
     return item
 
 
-def _die_with_parent(worker_id: int) -> None:
+def die_with_parent(worker_id: int) -> None:
     """A worker of a killed (SIGKILL) run would otherwise linger, holding memory; Linux can tie it to its parent."""
     if sys.platform.startswith("linux"):
         try:
@@ -318,6 +318,6 @@ def stream_batches(stream: ShardStream, workers: int, pin_memory: bool = False) 
         pin_memory=pin_memory,
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
-        worker_init_fn=_die_with_parent if workers else None,
+        worker_init_fn=die_with_parent if workers else None,
     )
     return iter(loader)
