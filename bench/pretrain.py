@@ -5,7 +5,7 @@ Times the same `capfilt.pretrain.fit` two ways, from the same initial weights (d
     in-memory   batches read once beforehand (same PairStream, no workers), tokenized, kept as tensors in a
                 list and fed round and round: the speed of the training step alone
     end-to-end  the real path, `shard_batches`: tars on disk -> `PairStream` (resampled, shuffle buffer) ->
-                `load_pairs` DataLoader workers (PNG decode + image processor) -> `Tokenize` in this process
+                `load_pairs` DataLoader workers (PNG decode, image processor, `Tokenize`) -> the step
 
 The ratio end-to-end / in-memory is 1.0 when loading is fully hidden behind the step. `data-only` is the
 loader by itself (the same `shard_batches`, no model): what it can deliver when it has the machine to itself.
@@ -22,7 +22,7 @@ time enough steps. On a shared machine, `--repeat N` alternates the two timings 
 each (the runs are printed too).
 
 Models are random (a BLIP-2 vision tower saved like `capfilt.testing`'s and the synthetic world's tokenizer),
-so the numbers measure throughput only. `tiny` (tower 32 wide, 32 px) is where loading dominates; `base`
+so the numbers measure throughput only. `tiny` (tower 32 wide, 32 px) is where loading weighs most; `base`
 (tower 256 wide, 4 layers, 224 px; Q-Former 256 wide, 4 layers, 32 queries) a size where compute matters.
 The training process runs `--threads` torch threads (default 1 on a 2-core machine, leaving the decode
 workers a core); DataLoader workers always run one.
@@ -53,8 +53,8 @@ from capfilt.qformer import QFormerShape
 from capfilt.synth import SynthConfig, write_synth
 from capfilt.testing import build_tiny_qformer_parts
 
-# tower: the frozen BLIP-2 vision model; shape: the Q-Former trained on it.
 KEPT_BATCHES = 16  # in-memory batches, cycled (base: 18 MiB each at batch 32)
+# tower: the frozen BLIP-2 vision model; shape: the Q-Former trained on it.
 SIZES = {
     "tiny": dict(tower=dict(hidden=32, layers=2, heads=2, image_size=32, patch=8),
                  shape=dict(hidden_size=32, num_layers=2, num_heads=2, num_query_tokens=4, embed_dim=32)),

@@ -13,6 +13,7 @@ counted in the batch that follows them, so the training log shows them.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -27,13 +28,15 @@ from capfilt.text import clean_caption
 @dataclass
 class PairBatch:
     """pixel_values: (B, 3, H, W); captions: B cleaned captions; sample_ids: (B,) int64, equal for the same
-    image; skipped: unusable samples met since the previous batch (by reason)."""
+    image; skipped: unusable samples met since the previous batch (by reason); inputs: the model's keyword
+    arguments when the stream was given a `tokenize` (made in the worker, off the training process)."""
 
     pixel_values: torch.Tensor
     captions: list[str]
     sample_ids: torch.Tensor
     keys: list[str]
     skipped: dict[str, int]
+    inputs: dict[str, torch.Tensor] | None = None
 
 
 def captions_of(sample: Sample) -> list[str]:
@@ -57,10 +60,11 @@ class PairStream(IterableDataset):
 
     def __init__(self, urls: Sequence[str], transform: Callable, batch_size: int, *, resampled: bool,
                  shuffle_buffer: int = 1000, seed: int = 0, rank: int = 0, world_size: int = 1, epoch: int = 0,
-                 drop_last: bool = True):
+                 drop_last: bool = True, tokenize: Callable[[PairBatch], dict] | None = None):
         self.urls, self.transform, self.batch_size = list(urls), transform, batch_size
         self.resampled, self.shuffle_buffer, self.seed = resampled, shuffle_buffer, seed
         self.rank, self.world_size, self.epoch, self.drop_last = rank, world_size, epoch, drop_last
+        self.tokenize = tokenize
 
     def __iter__(self) -> Iterator[PairBatch]:
         info = get_worker_info()
@@ -121,8 +125,11 @@ class PairStream(IterableDataset):
 
     def _collate(self, batch: list[tuple], skipped: dict[str, int]) -> PairBatch:
         images, captions, ids, keys = zip(*batch)
-        return PairBatch(self.transform(list(images)), list(captions), torch.tensor(ids, dtype=torch.long),
-                         list(keys), skipped)
+        out = PairBatch(self.transform(list(images)), list(captions), torch.tensor(ids, dtype=torch.long),
+                        list(keys), skipped)
+        if self.tokenize is not None:
+            out.inputs = self.tokenize(out)
+        return out
 
 
 def _shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -147,7 +154,9 @@ def _as_is(batch: PairBatch) -> PairBatch:
 
 
 def load_pairs(stream: PairStream, workers: int, pin_memory: bool = False) -> Iterator[PairBatch]:
-    """Decode and preprocess in `workers` processes while the model computes."""
+    """Decode, preprocess and tokenize in `workers` processes while the model computes."""
+    if workers:  # the tokenizer's own threads would be forked mid-use; the workers are the parallelism
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                         prefetch_factor=4 if workers else None, collate_fn=_as_is,
                         worker_init_fn=die_with_parent if workers else None)

@@ -240,16 +240,13 @@ def shard_batches(config: PretrainConfig, parts: Parts, accelerator: Accelerator
                   start_step: int) -> Iterator[dict]:
     """Endless tokenized batches for this rank; the seed includes the start step so a resumed run draws anew."""
     urls = expand_specs(config.specs)
-    stream = PairStream(urls, ImageTransform(parts.image_processor), config.batch_size, resampled=True,
-                        shuffle_buffer=config.shuffle_buffer, seed=config.seed, rank=accelerator.process_index,
-                        world_size=accelerator.num_processes, epoch=start_step)
     tokenize = Tokenize(config.stage, parts.tokenizer, parts.model.config.max_text_length, parts.llm_tokenizer,
                         parts.model.config.prompt)
+    stream = PairStream(urls, ImageTransform(parts.image_processor), config.batch_size, resampled=True,
+                        shuffle_buffer=config.shuffle_buffer, seed=config.seed, rank=accelerator.process_index,
+                        world_size=accelerator.num_processes, epoch=start_step, tokenize=tokenize)
     for batch in load_pairs(stream, config.workers, pin_memory=accelerator.device.type == "cuda"):
-        if not batch.captions:
-            yield {"skipped": batch.skipped}
-            continue
-        yield {**tokenize(batch), "skipped": batch.skipped}
+        yield {**(batch.inputs or {}), "skipped": batch.skipped}
 
 
 # ----------------------------------------------------------------------------------------------- run
