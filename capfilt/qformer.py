@@ -365,6 +365,19 @@ def qformer_tokenizer(name: str):
     return tokenizer
 
 
+def train_qformer_tokenizer(texts, vocab_size: int = 8000):
+    """A BERT-style WordPiece tokenizer (lowercase; [PAD] [UNK] [CLS] [SEP] [MASK] [DEC]) trained on `texts`,
+    for when no BERT vocabulary is at hand (offline): BLIP-2's Q-Former uses bert-base-uncased's."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1,
+                                  special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"])
+    return BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, bos_token="[DEC]", pad_token="[PAD]",
+                             unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
 def build_stage1(vision: str, tokenizer, shape: QFormerShape) -> QFormerModel:
     """A new stage-1 model: the pretrained tower (its final norm moved into ln_vision), a fresh or BERT-seeded
     Q-Former sized for `tokenizer`."""

