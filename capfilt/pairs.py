@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from capfilt.reader import Sample, decode_image, die_with_parent, read_shard, shard_name
+from capfilt.reader import CORRUPT_IMAGE, Sample, decode_image, die_with_parent, read_shard, shard_name
 from capfilt.text import clean_caption
 
 
@@ -100,8 +100,8 @@ class PairStream(IterableDataset):
                     continue
                 try:
                     image = decode_image(sample.image)
-                except Exception as exc:  # PIL raises many types for bad bytes
-                    yield None, "corrupt_image"
+                except Exception:  # PIL raises many types for bad bytes
+                    yield None, CORRUPT_IMAGE
                     continue
                 yield image, clean_caption(rng.choice(captions)), sample_id(name, sample.key), f"{name}/{sample.key}"
         except Exception as exc:  # the stream broke (missing file, network): skip the shard, say so

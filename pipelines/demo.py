@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from capfilt.qformer import QFormerShape
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -32,10 +34,8 @@ class DemoConfig:
     stage1_steps: int = 150
     stage2_steps: int = 100
     batch_size: int = 16
-    hidden_size: int = 256
-    layers: int = 4
-    heads: int = 4
-    queries: int = 16
+    shape: QFormerShape = QFormerShape(hidden_size=256, num_layers=4, num_heads=4, num_query_tokens=16,
+                                       embed_dim=128)
     lr: float = 5e-4
     num_captions: int = 2
     workers: int = 1
@@ -69,7 +69,7 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoSumm
     from capfilt.fetch import FetchConfig, fetch_efficientnet, fetch_smollm2
     from capfilt.pipeline import RunConfig, run
     from capfilt.pretrain import OptimConfig, PretrainConfig, pretrain
-    from capfilt.qformer import QFormerShape, train_qformer_tokenizer
+    from capfilt.qformer import train_qformer_tokenizer
     from capfilt.reader import expand_specs, read_shard
     from capfilt.scorer import Scorer, ScorerConfig
     from capfilt.stats import noise_report
@@ -104,8 +104,7 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoSumm
     if not (stage1 / "config.json").exists():
         pretrain(PretrainConfig(
             stage=1, out=str(stage1), vision=vision, tokenizer=str(tokenizer_dir), resume=stage1.exists(),
-            shape=QFormerShape(hidden_size=config.hidden_size, num_layers=config.layers, num_heads=config.heads,
-                               num_query_tokens=config.queries, embed_dim=128),
+            shape=config.shape,
             optim=OptimConfig(steps=config.stage1_steps, lr=config.lr, min_lr=config.lr / 10,
                               warmup_steps=min(50, config.stage1_steps // 10)),
             save_every=config.stage1_steps, **common))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 
+from capfilt.qformer import QFormerShape
 from capfilt.reader import read_shard
 from capfilt.testing import build_tiny_qformer_parts
 from pipelines.demo import REPO, DemoConfig, run_demo
@@ -14,8 +15,9 @@ def test_demo_recipe_runs_every_stage_and_reports_against_the_planted_noise(tmp_
     parts = build_tiny_qformer_parts(tmp_path / "parts")
     messages = []
     config = DemoConfig(out=str(tmp_path / "loop"), vision=parts["vision"], llm=parts["llm"], stage1_steps=3,
-                        stage2_steps=2, batch_size=8, hidden_size=32, layers=2, heads=2, queries=4,
-                        num_captions=2, workers=0, device="cpu")
+                        stage2_steps=2, batch_size=8, num_captions=2, workers=0, device="cpu",
+                        shape=QFormerShape(hidden_size=32, num_layers=2, num_heads=2, num_query_tokens=4,
+                                           embed_dim=128))
     summary = run_demo(config, say=messages.append)
     loop = tmp_path / "loop"
     assert [m.split("]")[0] for m in messages] == ["[1/5", "[2/5", "[3/5", "[3/5", "[4/5", "[5/5"]
