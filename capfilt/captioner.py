@@ -34,7 +34,7 @@ class CaptionerConfig:
     repetition_penalty: float | None = None  # None: 1.1 for nucleus, 1.0 otherwise (BLIP's choices)
     max_length: int = 30
     min_length: int = 10
-    prompt: str = "a picture of "
+    prompt: str | None = None  # None: the model's own (BLIP's "a picture of ", a capfilt model's training prompt)
     device: str = "auto"
     dtype: str = "fp32"
 
@@ -80,13 +80,18 @@ class Captioner:
         self.config = config
         self.model = load_model(config.model, "captioner", CAPTIONER_CLASSES, config.device, config.dtype)
         self.is_capfilt = self.model.config.model_type == CAPFILT_QFORMER
-        if self.is_capfilt and not self.model.has_language_model:
-            raise CapfiltError(f"captioner {config.model!r} is a stage-1 Q-Former: only a stage-2 model captions")
-        self.tokenizer = load_tokenizer(config.model, "captioner", subfolder=LLM_TOKENIZER if self.is_capfilt else "")
+        self.uses_llm = not self.is_capfilt or self.model.has_language_model  # else a stage-1 Q-Former's ITG decoder
+        self.tokenizer = load_tokenizer(config.model, "captioner",
+                                        subfolder=LLM_TOKENIZER if self.is_capfilt and self.uses_llm else "")
+        if not self.uses_llm and config.sampling == "beam":
+            raise CapfiltError(f"captioner {config.model!r} is a stage-1 Q-Former: it captions with nucleus or greedy")
         self.is_blip2 = self.model.config.model_type == "blip-2"
         self.image_transform: ImageTransform = load_image_transform(
             config.model, self.model.config.vision_config.image_size
         )
+        # capfilt models caption after the prompt they were trained with (stage 1's ITG decoder: none).
+        own = (self.model.config.prompt if self.uses_llm else "") if self.is_capfilt else "a picture of "
+        self.prompt = own if config.prompt is None else config.prompt
         self.prefix = self._prompt_prefix()
 
     @property
@@ -95,11 +100,11 @@ class Captioner:
 
     def _prompt_prefix(self) -> list[int]:
         """Token ids that precede generation. BLIP: `[DEC]` then the prompt (HF's generate swaps in `[DEC]` for
-        `[CLS]` and drops the final `[SEP]`). BLIP-2: the prompt as its LLM's tokenizer encodes it, as
-        Blip2Processor does; the query placeholders go in front at call time."""
-        ids = self.tokenizer(self.config.prompt).input_ids
+        `[CLS]` and drops the final `[SEP]`); a stage-1 capfilt model likewise. BLIP-2: the prompt as its LLM's
+        tokenizer encodes it, as Blip2Processor does; the query placeholders go in front at call time."""
+        ids = self.tokenizer(self.prompt).input_ids
         if self.is_capfilt:
-            return list(ids)
+            return list(ids) if self.uses_llm else [self.model.config.decoder_token_id] + list(ids[1:-1])
         if self.is_blip2:
             if getattr(self.model.config, "image_token_index", None) is None:
                 raise CapfiltError(f"captioner {self.config.model!r}: BLIP-2 config lacks image_token_index")
@@ -114,7 +119,10 @@ class Captioner:
             torch.manual_seed(seed)
         prefix = torch.tensor([self.prefix], device=self.device).repeat(batch, 1)
         kwargs = self.config.generation_kwargs(prompt_tokens=len(self.prefix))
-        if self.is_capfilt:  # the queries go in as embeddings; only new tokens come back
+        if self.is_capfilt and not self.uses_llm:
+            out = self.model.generate(pixel_values, input_ids=prefix, eos_token_id=self.tokenizer.sep_token_id,
+                                      pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+        elif self.is_capfilt:  # the queries go in as embeddings; only new tokens come back
             out = self.model.generate(pixel_values, input_ids=prefix, **kwargs)
         elif self.is_blip2:
             queries = self.model.config.num_query_tokens

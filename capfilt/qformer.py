@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, PreTrainedConfig,
-                          PreTrainedModel, initialization as init)
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, LogitsProcessorList,
+                          MinNewTokensLengthLogitsProcessor, PreTrainedConfig, PreTrainedModel,
+                          RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper, initialization as init)
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.blip_2.configuration_blip_2 import Blip2QFormerConfig
@@ -287,14 +288,47 @@ class QFormerModel(PreTrainedModel):
 
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask=None, **kwargs):
-        """Captions from the LLM behind the visual prompt. input_ids: (B, P) the prompt in the LLM's tokens.
-        Returns only the new tokens, (B * num_return_sequences, L)."""
+        """Captions: a stage-2 model's from the LLM behind the visual prompt (input_ids: (B, P) the prompt in the
+        LLM's tokens), a stage-1 model's from its ITG decoder (input_ids: (B, P) `[DEC]` then the prompt in the
+        Q-Former's tokens; `eos_token_id` is `[SEP]`). Returns only the new tokens, (B * num_return_sequences, L)."""
+        if not self.has_language_model:
+            return self._itg_generate(pixel_values, input_ids, **kwargs)
         prefix = self.language_prefix(self.encode_image(pixel_values))
         embeds = torch.cat([prefix, self.language_model.get_input_embeddings()(input_ids)], dim=1)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         if attention_mask is not None:
             mask[:, prefix.shape[1] :] = attention_mask
         return self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+
+
+    def _itg_generate(self, pixel_values, input_ids, *, max_new_tokens: int, eos_token_id: int, pad_token_id: int,
+                      min_new_tokens: int = 0, do_sample: bool = False, top_p: float = 1.0, top_k: int = 0,
+                      repetition_penalty: float = 1.0, num_beams: int = 1, num_return_sequences: int = 1):
+        """BLIP's captioner: the image-grounded decoder (ITG mask) sampled token by token. The Q-Former has no KV
+        cache, so each step re-runs the prefix: fine for captions of up to ~30 tokens."""
+        if num_beams > 1:
+            raise CapfiltError("a stage-1 Q-Former captions with nucleus sampling or greedy decoding, not beam search")
+        processors = LogitsProcessorList([MinNewTokensLengthLogitsProcessor(input_ids.shape[1], min_new_tokens,
+                                                                            eos_token_id, device=input_ids.device)])
+        if repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+        if do_sample and top_k:
+            processors.append(TopKLogitsWarper(top_k))
+        if do_sample and top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+        image_embeds = self.encode_image(pixel_values).repeat_interleave(num_return_sequences, dim=0)
+        ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for _ in range(max_new_tokens):
+            logits = self.itg_logits(image_embeds, ids, torch.ones_like(ids))[:, -1].float()
+            scores = processors(ids, logits)
+            token = torch.multinomial(scores.softmax(-1), 1)[:, 0] if do_sample else scores.argmax(-1)
+            token = token.masked_fill(done, pad_token_id)
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            done |= token == eos_token_id
+            if done.all():
+                break
+        return ids[:, input_ids.shape[1] :]
 
 
 AutoConfig.register(MODEL_TYPE, QFormerConfig)
