@@ -34,9 +34,12 @@ class DemoConfig:
     stage1_steps: int = 150
     stage2_steps: int = 100
     batch_size: int = 16
+    # From scratch (no BERT offline) a wider init and a higher stage-1 lr get ITM off its 1/3 prior within the
+    # budget: measured, ITM loss 0.638 -> 0.515 at step 150 and ITG 2.82 -> 1.16.
     shape: QFormerShape = QFormerShape(hidden_size=256, num_layers=4, num_heads=4, num_query_tokens=16,
-                                       embed_dim=128)
-    lr: float = 5e-4
+                                       embed_dim=128, initializer_range=0.1)
+    stage1_lr: float = 2e-3
+    stage2_lr: float = 5e-4
     num_captions: int = 2
     workers: int = 1
     device: str = "auto"
@@ -105,7 +108,7 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoSumm
         pretrain(PretrainConfig(
             stage=1, out=str(stage1), vision=vision, tokenizer=str(tokenizer_dir), resume=stage1.exists(),
             shape=config.shape,
-            optim=OptimConfig(steps=config.stage1_steps, lr=config.lr, min_lr=config.lr / 10,
+            optim=OptimConfig(steps=config.stage1_steps, lr=config.stage1_lr, min_lr=config.stage1_lr / 10,
                               warmup_steps=min(50, config.stage1_steps // 10)),
             save_every=config.stage1_steps, **common))
     lap("stage 1")
@@ -113,7 +116,7 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoSumm
     if not (stage2 / "config.json").exists():
         pretrain(PretrainConfig(
             stage=2, out=str(stage2), init=str(stage1), llm=llm, resume=stage2.exists(),
-            optim=OptimConfig(steps=config.stage2_steps, lr=config.lr, min_lr=config.lr / 10,
+            optim=OptimConfig(steps=config.stage2_steps, lr=config.stage2_lr, min_lr=config.stage2_lr / 10,
                               warmup_steps=min(50, config.stage2_steps // 10)),
             save_every=config.stage2_steps, **common))
     lap("stage 2")
