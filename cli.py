@@ -54,7 +54,13 @@ TopP = Annotated[float, typer.Option(help="Nucleus sampling mass.", rich_help_pa
 NumBeams = Annotated[int, typer.Option(help="Beams for --sampling beam.", rich_help_panel=CAPTION)]
 MaxLength = Annotated[int, typer.Option(help="Max caption tokens, prompt included.", rich_help_panel=CAPTION)]
 MinLength = Annotated[int, typer.Option(help="Min caption tokens, prompt included.", rich_help_panel=CAPTION)]
-Prompt = Annotated[str, typer.Option(help="Decoder prompt, removed from the captions.", rich_help_panel=CAPTION)]
+Processes = Annotated[int, typer.Option(
+    help="Local processes sharing the shards (one per GPU on a multi-GPU box, or CPU processes). Under torchrun, "
+         "accelerate launch or srun leave it at 1: every launched process claims shards by itself.")]
+Prompt = Annotated[Optional[str], typer.Option(
+    help="Decoder prompt, removed from the captions. Default: the model's own (BLIP and BLIP-2: 'a picture of '; "
+         "a capfilt model: the prompt it was trained with, none for a stage-1 model's ITG decoder).",
+    rich_help_panel=CAPTION)]
 
 FilterModel = Annotated[str, typer.Option("--filter", help="BlipForImageTextRetrieval, "
                                           "Blip2ForImageTextRetrieval (Hub id or local directory) or a "
@@ -82,31 +88,33 @@ def _user_errors():
 
 
 def _captioner(model, sampling, num_captions, top_p, num_beams, max_length, min_length, prompt, device, dtype):
-    from capfilt.captioner import Captioner, CaptionerConfig
+    from capfilt.captioner import CaptionerConfig
 
-    return Captioner(CaptionerConfig(model=model, sampling=sampling, num_captions=num_captions, top_p=top_p,
-                                     num_beams=num_beams, max_length=max_length, min_length=min_length,
-                                     prompt=prompt, device=device, dtype=dtype))
+    return CaptionerConfig(model=model, sampling=sampling, num_captions=num_captions, top_p=top_p,
+                           num_beams=num_beams, max_length=max_length, min_length=min_length, prompt=prompt,
+                           device=device, dtype=dtype)
 
 
 def _scorer(model, device, dtype):
-    from capfilt.scorer import Scorer, ScorerConfig
+    from capfilt.scorer import ScorerConfig
 
-    return Scorer(ScorerConfig(model=model, device=device, dtype=dtype))
+    return ScorerConfig(model=model, device=device, dtype=dtype)
 
 
-def _run(specs, out, overwrite, batch_size, workers, seed, clean_text, retries, quiet, captioner=None,
+def _run(specs, out, overwrite, batch_size, workers, seed, clean_text, retries, quiet, processes, captioner=None,
          scorer=None, selection=None):
-    from capfilt.pipeline import RunConfig, run
+    from capfilt.distributor import current_rank, run_job
+    from capfilt.pipeline import RunConfig
     from capfilt.stats import format_report, summarize
 
     config = RunConfig(specs=tuple(specs), out=str(out), batch_size=batch_size, workers=workers, seed=seed,
                        clean_text=clean_text, overwrite=overwrite, retries=retries, progress=not quiet)
-    summary = run(config, captioner=captioner, scorer=scorer, selection=selection)
+    summary = run_job(config, captioner, scorer, selection, processes)
     rate = summary.samples / summary.duration_s if summary.duration_s else 0.0
     typer.echo(f"this run: {summary.shards_done} shards done, {summary.shards_skipped} already done, "
                f"{summary.samples:,} samples in {summary.duration_s:.1f}s ({rate:.1f}/s)")
-    typer.echo(format_report(summarize(out)))
+    if current_rank().rank == 0:
+        typer.echo(format_report(summarize(out)))  # under a launcher: what is finished so far
     if summary.shards_failed:
         for shard, reason in summary.shards_failed.items():
             typer.echo(f"failed shard {shard}: {reason}", err=True)
@@ -117,15 +125,16 @@ def _run(specs, out, overwrite, batch_size, workers, seed, clean_text, retries, 
 def caption(
     specs: Specs, out: Out, captioner: CaptionerModel,
     sampling: Sampling = "nucleus", num_captions: NumCaptions = 1, top_p: TopP = 0.9, num_beams: NumBeams = 3,
-    max_length: MaxLength = 30, min_length: MinLength = 10, prompt: Prompt = "a picture of ",
+    max_length: MaxLength = 30, min_length: MinLength = 10, prompt: Prompt = None,
     overwrite: Overwrite = False, batch_size: BatchSize = 16, workers: Workers = 2, device: Device = "auto",
     dtype: Dtype = "fp32", seed: Seed = 0, clean_text: CleanText = False, retries: Retries = 2, quiet: Quiet = False,
+    processes: Processes = 1,
 ):
     """Add synthetic captions to every sample (no filtering); `capfilt filter` can score them later."""
     with _user_errors():
         model = _captioner(captioner, sampling, num_captions, top_p, num_beams, max_length, min_length, prompt,
                            device, dtype)
-        _run(specs, out, overwrite, batch_size, workers, seed, clean_text, retries, quiet, captioner=model)
+        _run(specs, out, overwrite, batch_size, workers, seed, clean_text, retries, quiet, processes, captioner=model)
 
 
 @app.command("filter")
@@ -134,6 +143,7 @@ def filter_(
     policy: Policy = "blip", threshold: Threshold = 0.5, keep_top: KeepTop = 2,
     overwrite: Overwrite = False, batch_size: BatchSize = 16, workers: Workers = 2, device: Device = "auto",
     dtype: Dtype = "fp32", clean_text: CleanText = False, retries: Retries = 2, quiet: Quiet = False,
+    processes: Processes = 1,
 ):
     """Score the web caption and any synthetic captions with an ITM head and keep the matching ones."""
     from capfilt.selection import SelectionConfig
@@ -141,7 +151,7 @@ def filter_(
     with _user_errors():
         selection = SelectionConfig(policy=policy, threshold=threshold, keep_top=keep_top)
         model = _scorer(filter, device, dtype)
-        _run(specs, out, overwrite, batch_size, workers, None, clean_text, retries, quiet, scorer=model,
+        _run(specs, out, overwrite, batch_size, workers, None, clean_text, retries, quiet, processes, scorer=model,
              selection=selection)
 
 
@@ -149,10 +159,11 @@ def filter_(
 def bootstrap(
     specs: Specs, out: Out, captioner: CaptionerModel, filter: FilterModel,
     sampling: Sampling = "nucleus", num_captions: NumCaptions = 1, top_p: TopP = 0.9, num_beams: NumBeams = 3,
-    max_length: MaxLength = 30, min_length: MinLength = 10, prompt: Prompt = "a picture of ",
+    max_length: MaxLength = 30, min_length: MinLength = 10, prompt: Prompt = None,
     policy: Policy = "blip", threshold: Threshold = 0.5, keep_top: KeepTop = 2,
     overwrite: Overwrite = False, batch_size: BatchSize = 16, workers: Workers = 2, device: Device = "auto",
     dtype: Dtype = "fp32", seed: Seed = 0, clean_text: CleanText = False, retries: Retries = 2, quiet: Quiet = False,
+    processes: Processes = 1,
 ):
     """Caption and filter in one streaming pass (the main job): no intermediate shards."""
     from capfilt.selection import SelectionConfig
@@ -162,7 +173,7 @@ def bootstrap(
         cap = _captioner(captioner, sampling, num_captions, top_p, num_beams, max_length, min_length, prompt,
                          device, dtype)
         scorer = _scorer(filter, device, dtype)
-        _run(specs, out, overwrite, batch_size, workers, seed, clean_text, retries, quiet, captioner=cap,
+        _run(specs, out, overwrite, batch_size, workers, seed, clean_text, retries, quiet, processes, captioner=cap,
              scorer=scorer, selection=selection)
 
 

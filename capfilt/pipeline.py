@@ -8,6 +8,7 @@ writers, and keeps the per-shard books.
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 
 from capfilt import reader
 from capfilt.captioner import Captioner
+from capfilt.distributor import Claims, current_rank
 from capfilt.errors import CapfiltError
 from capfilt.reader import Batch, Sample, ShardEnd, ShardStream
 from capfilt.scorer import Scorer
@@ -84,6 +86,9 @@ def run(
     selection = selection or SelectionConfig()
     urls = reader.expand_specs(config.specs)
     out = Path(config.out)
+    me = current_rank()
+    if config.overwrite and me.world_size > 1:
+        raise CapfiltError("--overwrite with several processes: clear the output directory first, then run")
     prepare_output(out, _settings(config, captioner, scorer, selection), config.overwrite)
     todo = [u for u in urls if not stats_path(out, reader.shard_name(u)).exists()]
     summary = RunSummary(out=str(out), shards_total=len(urls), shards_skipped=len(urls) - len(todo))
@@ -91,12 +96,12 @@ def run(
         return summary
 
     transforms, captioner_key, scorer_key = shared_transforms(captioner, scorer)
-    stream = ShardStream(todo, transforms, config.batch_size, retries=config.retries)
+    claims = Claims(out, me.job)
+    stream = ShardStream(todo, transforms, config.batch_size, retries=config.retries, claim=claims)
     device = (captioner or scorer).device
     started = time.perf_counter()
     open_shards: dict[str, _OpenShard] = {}
-    written = 0
-    bar = tqdm(unit="img", desc=f"shards 0/{len(todo)}", disable=not config.progress, file=sys.stderr)
+    view = _JobView(out, [reader.shard_name(u) for u in todo], enabled=config.progress and me.rank == 0)
     try:
         for item in reader.stream_batches(stream, config.workers, pin_memory=device.type == "cuda"):
             if isinstance(item, ShardEnd):
@@ -106,24 +111,58 @@ def run(
                         shard.writer.abort()  # a retry starts the shard over with a fresh writer
                     if not item.retrying:
                         summary.shards_failed[item.shard] = item.failed
+                        claims.release(item.shard)  # the next attempt of the job retries it
                 else:
                     summary.add((shard or _OpenShard(ShardWriter(out, item.shard))).commit())
-                bar.set_description(f"shards {summary.shards_done + len(summary.shards_failed)}/{len(todo)}")
+                    claims.release(item.shard)
+                view.update(0, 0, force=True)
                 continue
             shard = open_shards.get(item.shard)
             if shard is None:
                 shard = open_shards[item.shard] = _OpenShard(ShardWriter(out, item.shard))
             before = shard.writer.stats.written
             _process(item, shard.writer, captioner, scorer, selection, config, captioner_key, scorer_key)
-            written += shard.writer.stats.written - before
-            bar.update(len(item.samples))
-            bar.set_postfix(keep=f"{written / max(1, bar.n):.0%}", refresh=False)
+            view.update(len(item.samples), shard.writer.stats.written - before)
     finally:
         for shard in open_shards.values():  # interrupted: leave no half-written shard behind
             shard.writer.abort()
-        bar.close()
+            claims.release(shard.writer.shard)
+        claims.close()
+        view.close()
     summary.duration_s = time.perf_counter() - started
     return summary
+
+
+class _JobView:
+    """Rank 0's progress bar for the whole job: shards done by every process (their stats files, re-read every
+    few seconds: no communication), the job's samples/s and keep rate, and tqdm's ETA."""
+
+    def __init__(self, out: Path, names: list[str], enabled: bool, every_s: float = 5.0):
+        self.out, self.pending, self.every_s = out, set(names), every_s
+        self.done_read = self.done_written = self.mine_read = self.mine_written = 0
+        self.started = self.checked = time.perf_counter()
+        self.bar = tqdm(total=len(names), unit="shard", desc="shards", disable=not enabled, file=sys.stderr)
+
+    def update(self, read: int, written: int, force: bool = False) -> None:
+        self.mine_read += read  # this process's samples in shards not yet finished
+        self.mine_written += written
+        if self.bar.disable or not (force or time.perf_counter() - self.checked > self.every_s):
+            return
+        self.checked = time.perf_counter()
+        for name in [n for n in self.pending if stats_path(self.out, n).exists()]:
+            stats = json.loads(stats_path(self.out, name).read_text())
+            self.pending.discard(name)
+            self.done_read += stats["read"]
+            self.done_written += stats["written"]
+        if force:  # one of ours finished: its samples are now counted through its stats file
+            self.mine_read = self.mine_written = 0
+        self.bar.n = self.bar.total - len(self.pending)
+        read = self.done_read + self.mine_read
+        rate = read / max(1e-9, time.perf_counter() - self.started)
+        self.bar.set_postfix_str(f"{rate:.1f} img/s, keep {(self.done_written + self.mine_written) / max(1, read):.0%}")
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 @dataclass

@@ -233,8 +233,10 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 class ShardStream(IterableDataset):
-    """Reads shards and yields `Batch`es and `ShardEnd`s. With DataLoader workers, each worker owns whole
-    shards (shard i goes to worker i mod n), so decoding runs in parallel and a batch never mixes shards."""
+    """Reads shards and yields `Batch`es and `ShardEnd`s. Each DataLoader worker reads whole shards, so decoding
+    runs in parallel and a batch never mixes shards: with `claim` (shard name -> may I?), whichever shard it
+    claims next (`capfilt.distributor.Claims`: shared with other processes too); without, shard i goes to
+    worker i mod n."""
 
     def __init__(
         self,
@@ -243,13 +245,17 @@ class ShardStream(IterableDataset):
         batch_size: int,
         retries: int = 2,
         retry_wait_s: float = 1.0,
+        claim: Callable[[str], bool] | None = None,
     ):
         self.urls, self.transforms, self.batch_size = list(urls), transforms, batch_size
-        self.retries, self.retry_wait_s = retries, retry_wait_s
+        self.retries, self.retry_wait_s, self.claim = retries, retry_wait_s, claim
 
     def __iter__(self) -> Iterator[Batch | ShardEnd]:
         info = get_worker_info()
-        mine = self.urls if info is None else self.urls[info.id :: info.num_workers]
+        if self.claim is not None:
+            mine = (url for url in self.urls if self.claim(shard_name(url)))  # lazily: claim when ready for it
+        else:
+            mine = self.urls if info is None else self.urls[info.id :: info.num_workers]
         for url in mine:
             yield from self._read_with_retries(url)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from capfilt.errors import CapfiltError
 MANIFEST = "capfilt_run.json"
 STATS_SUFFIX = "_stats.json"
 TMP_SUFFIX = ".tmp"
+CLAIMS = ".claims"  # capfilt.distributor's shard claims, one directory per job attempt
 # Fixed member mtime: a shard's bytes then depend only on its contents, so a resumed run equals a fresh one.
 TAR_MTIME = 0.0
 
@@ -58,6 +60,8 @@ def prepare_output(out: Path, settings: dict[str, Any], overwrite: bool) -> None
         for path in out.iterdir():
             if path.is_file() and _ours(path.name):
                 path.unlink()
+            elif path.name == CLAIMS:
+                shutil.rmtree(path, ignore_errors=True)
     elif manifest.exists():
         previous = json.loads(manifest.read_text()).get("settings", {})
         changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
@@ -66,13 +70,14 @@ def prepare_output(out: Path, settings: dict[str, Any], overwrite: bool) -> None
                 f"{out} holds a run with other settings ({', '.join(changed)}): use --overwrite or another --out"
             )
         return
-    elif any(out.iterdir()):
+    elif any(p.name != CLAIMS and not p.name.endswith(TMP_SUFFIX) for p in out.iterdir()):
         raise CapfiltError(f"{out} is not empty and holds no capfilt run: use --overwrite or another --out")
-    _atomic_write(manifest, json.dumps({"settings": settings}, indent=2).encode())
+    # Every process of a job may get here at once; each writes the same bytes through its own temporary file.
+    _atomic_write(manifest, json.dumps({"settings": settings}, indent=2).encode(), unique=True)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+def _atomic_write(path: Path, data: bytes, unique: bool = False) -> None:
+    tmp = path.with_name(path.name + (f".{os.getpid()}" if unique else "") + TMP_SUFFIX)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

@@ -1,0 +1,172 @@
+"""Spreading `caption` / `filter` / `bootstrap` over processes and nodes: who am I, which shard next.
+
+Work is split by shard, dynamically: a process (or one of its DataLoader workers) claims the next input shard by
+creating `OUT/.claims/JOB/NAME` with O_CREAT | O_EXCL, which exactly one creator wins, also on NFS. Fast
+processes therefore take more shards, and nobody needs to talk to anybody: the same code runs under `torchrun`,
+`accelerate launch`, `srun`, or `--processes N`. A shard is done when its stats file exists (written last); a
+claim is dropped once that is so, and a claimer checks for it after winning, so a finished shard is never redone.
+
+JOB names one attempt of one job, agreed without communication from the launcher's environment (torchrun's
+run id and restart count, Slurm's job, step and restart count, or `CAPFILT_JOB_ID`). A restarted job is a new
+attempt, so the claims of a dead one block nothing: it redoes exactly the shards without a stats file.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import queue
+import socket
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from capfilt.errors import CapfiltError
+from capfilt.writer import CLAIMS, stats_path
+
+
+@dataclass(frozen=True)
+class Rank:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    job: str = ""
+
+
+def current_rank() -> Rank:
+    """This process's place in the job, from torchrun / accelerate (RANK, WORLD_SIZE, LOCAL_RANK) or Slurm."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    else:
+        rank, world, local = 0, 1, 0
+    return Rank(rank, world, local, _job_id(world))
+
+
+def _job_id(world_size: int) -> str:
+    env = os.environ
+    if env.get("CAPFILT_JOB_ID"):
+        job = env["CAPFILT_JOB_ID"]
+    elif env.get("TORCHELASTIC_RUN_ID"):
+        job = f"torchrun-{env['TORCHELASTIC_RUN_ID']}-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    elif env.get("SLURM_JOB_ID"):
+        job = f"slurm-{env['SLURM_JOB_ID']}-{env.get('SLURM_STEP_ID', '0')}-{env.get('SLURM_RESTART_COUNT', '0')}"
+    elif world_size == 1:
+        job = uuid.uuid4().hex
+    else:
+        raise CapfiltError("several processes but no job id to agree on: set CAPFILT_JOB_ID to one value for all")
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in job)
+
+
+class Claims:
+    """`claims(name)` -> True when this process may do shard `name` (it won the claim and the shard is not done).
+    Picklable, so DataLoader workers claim for themselves."""
+
+    def __init__(self, out: Path, job: str):
+        self.out, self.dir = Path(out), Path(out) / CLAIMS / job
+
+    def __call__(self, name: str) -> bool:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.dir / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}, f)
+        if stats_path(self.out, name).exists():  # finished by this job after our listing: its claim had already been dropped
+            self.release(name)
+            return False
+        return True
+
+    def release(self, name: str) -> None:
+        """After the shard's stats file is written (or its failure recorded)."""
+        try:
+            (self.dir / name).unlink()
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        for directory in (self.dir, self.dir.parent):  # only when empty: a dead process's claims stay, harmlessly
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+
+
+# ----------------------------------------------------------------------------------------------- --processes
+
+
+def run_job(config, captioner_config=None, scorer_config=None, selection=None, processes: int = 1):
+    """Build the models and run; with `processes` > 1, in that many local processes (spawned, one per GPU when
+    there are GPUs), which split the shards between them. Returns this process's (or rank 0's) RunSummary."""
+    if processes < 1:
+        raise CapfiltError("--processes must be at least 1")
+    if processes == 1:
+        return _run_here(config, captioner_config, scorer_config, selection)
+    if current_rank().world_size > 1:
+        raise CapfiltError("--processes is for a single launch; under torchrun / accelerate / srun leave it at 1")
+    if config.overwrite:
+        raise CapfiltError("--overwrite with --processes: clear the output directory first, then run")
+    env = {"CAPFILT_JOB_ID": f"local-{uuid.uuid4().hex}", "WORLD_SIZE": str(processes)}
+    context = multiprocessing.get_context("spawn")  # CUDA and fork do not mix
+    results = context.Queue()
+    children = [context.Process(target=_child, args=(rank, env, config, captioner_config, scorer_config,
+                                                     selection, results)) for rank in range(processes)]
+    for child in children:
+        child.start()
+    summaries = {}
+    while any(child.is_alive() for child in children) or not results.empty():
+        try:
+            rank, summary = results.get(timeout=0.5)  # drained while they run: a full pipe would block a child
+            summaries[rank] = summary
+        except queue.Empty:
+            pass
+    for child in children:
+        child.join()
+    errors = [s for s in summaries.values() if isinstance(s, CapfiltError)]
+    if errors:
+        raise errors[0]
+    failed = [r for r, c in enumerate(children) if c.exitcode != 0]
+    if failed:
+        raise CapfiltError(f"process(es) {failed} of {processes} failed (exit codes "
+                           f"{[children[r].exitcode for r in failed]}); rerun the same command to finish the job")
+    return _merge(list(summaries.values()))
+
+
+def _child(rank, env, config, captioner_config, scorer_config, selection, results) -> None:
+    import torch
+
+    os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(env["WORLD_SIZE"])))
+    if rank != 0:
+        config = replace(config, progress=False)
+    try:
+        results.put((rank, _run_here(config, captioner_config, scorer_config, selection)))
+    except CapfiltError as exc:  # a user error (bad model, bad output dir): the parent reports it as its own
+        results.put((rank, exc))
+
+
+
+def _run_here(config, captioner_config, scorer_config, selection):
+    from capfilt.captioner import Captioner
+    from capfilt.pipeline import run
+    from capfilt.scorer import Scorer
+
+    captioner = Captioner(captioner_config) if captioner_config is not None else None
+    scorer = Scorer(scorer_config) if scorer_config is not None else None
+    return run(config, captioner, scorer, selection)
+
+
+def _merge(summaries):
+    total = summaries[0]
+    for other in summaries[1:]:
+        total.shards_done += other.shards_done
+        total.shards_failed.update(other.shards_failed)
+        total.samples += other.samples
+        total.written += other.written
+        total.duration_s = max(total.duration_s, other.duration_s)
+    return total

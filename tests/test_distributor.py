@@ -1,0 +1,105 @@
+"""Several processes share one job through the output directory: together they write exactly what one process
+writes, and a job whose process was killed finishes, on restart, to the same bytes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import demo_samples, read_json, write_tar
+from typer.testing import CliRunner
+
+from capfilt.distributor import Claims, current_rank
+from capfilt.errors import CapfiltError
+from cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def shards(tmp_path) -> Path:
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(6):
+        write_tar(d / f"part-{i:05d}.tar", demo_samples(4, start=4 * i))
+    return d
+
+
+def _args(shards, out, models, *extra):
+    return ["bootstrap", str(shards), "--out", str(out), "--captioner", models["blip_captioner"], "--filter",
+            models["blip_itm"], "--batch-size", "3", "--workers", "0", "--num-captions", "2", "--quiet", *extra]
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    files = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.suffix in (".tar", ".parquet")}
+    for p in out.glob("*_stats.json"):
+        files[p.name] = {k: v for k, v in read_json(p).items() if k not in ("duration_s", "samples_per_s")}
+    return files
+
+
+def test_claims_are_won_once_per_job_and_never_for_a_done_shard(tmp_path):
+    a, b = Claims(tmp_path, "job-1"), Claims(tmp_path, "job-1")
+    assert a("part-00000") and not b("part-00000")
+    assert Claims(tmp_path, "job-2")("part-00000")  # a new attempt is not blocked by the old one's claims
+    (tmp_path / "part-00001_stats.json").write_text("{}")
+    assert not a("part-00001")  # done already
+    a.release("part-00000")
+    assert b("part-00000")
+
+
+def test_job_id_comes_from_the_launcher(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CAPFILT_JOB_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID",
+                "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    assert current_rank().world_size == 1 and current_rank().job != current_rank().job  # alone: a fresh attempt
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(CapfiltError, match="CAPFILT_JOB_ID"):
+        current_rank()
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert current_rank() == current_rank() and current_rank().job == "torchrun-abc-1" and current_rank().rank == 1
+
+
+def test_two_processes_write_exactly_what_one_writes(shards, tmp_path, tiny_models):
+    runner = CliRunner()
+    one = runner.invoke(app, _args(shards, tmp_path / "one", tiny_models))
+    assert one.exit_code == 0, one.output
+    two = runner.invoke(app, _args(shards, tmp_path / "two", tiny_models, "--processes", "2"))
+    assert two.exit_code == 0, two.output
+    assert "6 shards done" in two.output
+    assert _outputs(tmp_path / "two") == _outputs(tmp_path / "one")
+    assert not (tmp_path / "two" / ".claims").exists() and not list((tmp_path / "two").glob("*.tmp"))
+
+
+def test_a_killed_rank_leaves_a_job_that_a_restart_completes(shards, tmp_path, tiny_models):
+    """Two launched ranks (as torchrun starts them: RANK, WORLD_SIZE, a shared run id); rank 1 is killed as soon
+    as the job has finished a shard, mid-way through its own; the restarted job ends identical to one process."""
+    reference = tmp_path / "reference"
+    assert CliRunner().invoke(app, _args(shards, reference, tiny_models)).exit_code == 0
+    out = tmp_path / "out"
+
+    def launch(rank: int, run_id: str, world: int = 2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+               "TORCHELASTIC_RUN_ID": run_id, "OMP_NUM_THREADS": "1"}
+        return subprocess.Popen([sys.executable, str(REPO / "cli.py"), *_args(shards, out, tiny_models)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    ranks = [launch(0, "first"), launch(1, "first")]
+    deadline = time.time() + 120
+    while not list(out.glob("*_stats.json")) and time.time() < deadline and ranks[1].poll() is None:
+        time.sleep(0.05)
+    ranks[1].send_signal(signal.SIGKILL)
+    ranks[1].wait()
+    assert ranks[0].wait(timeout=300) == 0, ranks[0].stderr.read().decode()[-2000:]
+
+    restart = [launch(0, "second"), launch(1, "second")]  # torchrun's next attempt: a new id for the claims
+    for rank in restart:
+        assert rank.wait(timeout=300) == 0, rank.stderr.read().decode()[-2000:]
+    assert _outputs(out) == _outputs(reference)
+    assert not list(out.glob("*.tmp"))
