@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from capfilt import reader
@@ -101,6 +102,7 @@ def run(
     device = (captioner or scorer).device
     started = time.perf_counter()
     open_shards: dict[str, _OpenShard] = {}
+    fit = FitToMemory()
     view = _JobView(out, [reader.shard_name(u) for u in todo], enabled=config.progress and me.rank == 0)
     try:
         for item in reader.stream_batches(stream, config.workers, pin_memory=device.type == "cuda"):
@@ -121,7 +123,7 @@ def run(
             if shard is None:
                 shard = open_shards[item.shard] = _OpenShard(ShardWriter(out, item.shard))
             before = shard.writer.stats.written
-            _process(item, shard.writer, captioner, scorer, selection, config, captioner_key, scorer_key)
+            _process(item, shard.writer, captioner, scorer, selection, config, captioner_key, scorer_key, fit)
             view.update(len(item.samples), shard.writer.stats.written - before)
     finally:
         for shard in open_shards.values():  # interrupted: leave no half-written shard behind
@@ -201,6 +203,32 @@ def _settings(config: RunConfig, captioner, scorer, selection: SelectionConfig) 
     return settings
 
 
+class FitToMemory:
+    """`fit(fn, n)` runs `fn(start, stop)` (-> a list) over rows 0..n in chunks of at most `limit`. A CUDA
+    out-of-memory error halves the limit, which then holds for the rest of the run, and the chunk is retried: a
+    too large --batch-size costs speed, not the job. Sampling seeds follow the row offset, so the captions of a
+    halved batch are reproducible but differ from an unhalved run's."""
+
+    def __init__(self):
+        self.limit: int | None = None
+        self.halvings = 0
+
+    def __call__(self, fn, n: int) -> list:
+        out, start = [], 0
+        while start < n:
+            stop = n if self.limit is None else min(n, start + self.limit)
+            try:
+                out += fn(start, stop)
+                start = stop
+            except torch.cuda.OutOfMemoryError:
+                if stop - start == 1:
+                    raise
+                torch.cuda.empty_cache()
+                self.limit = (stop - start) // 2
+                self.halvings += 1
+        return out
+
+
 def _process(
     batch: Batch,
     writer: ShardWriter,
@@ -210,8 +238,10 @@ def _process(
     config: RunConfig,
     captioner_key: str | None,
     scorer_key: str | None,
+    fit: FitToMemory,
 ) -> None:
     stats = writer.stats
+    halvings = fit.halvings
     good: list[Sample] = []
     for sample in batch.samples:
         if sample.key:
@@ -229,18 +259,20 @@ def _process(
     if captioner is not None and good:
         pixels = batch.pixels[captioner_key][rows]
         seed = None if config.seed is None else batch_seed(config.seed, batch.shard, batch.index)
-        new_captions = captioner(pixels, seed=seed)
+        new_captions = fit(lambda a, b: captioner(pixels[a:b], seed=None if seed is None else seed + a), len(good))
         if config.clean_text:
             new_captions = [[clean_caption(c) for c in caps] for caps in new_captions]
         stats.synthetic_generated += sum(len(c) for c in new_captions)
     candidates = [unique_candidates(s.web_caption, s.synthetic + new) for s, new in zip(good, new_captions)]
     if scorer is not None and good:
-        scores = scorer(batch.pixels[scorer_key][rows], [[c.caption for c in cands] for cands in candidates])
+        pixels, texts = batch.pixels[scorer_key][rows], [[c.caption for c in cands] for cands in candidates]
+        scores = fit(lambda a, b: scorer(pixels[a:b], texts[a:b]), len(good))
         for cands, row in zip(candidates, scores):
             for c, score in zip(cands, row):
                 c.score = score
             stats.captions_scored += len(cands)
 
+    stats.oom_halvings += fit.halvings - halvings
     by_key = {id(s): c for s, c in zip(good, candidates)}
     for sample in batch.samples:
         if sample.error is not None:

@@ -29,6 +29,7 @@ class OutputReport:
     synthetic_generated: int = 0
     synthetic_scored: int = 0
     synthetic_kept: int = 0
+    oom_halvings: int = 0
     web_score_quantiles: dict[float, float] = field(default_factory=dict)
     synthetic_score_quantiles: dict[float, float] = field(default_factory=dict)
 
@@ -48,6 +49,7 @@ def summarize(out: Path) -> OutputReport:
         report.shards_done += 1
         for name in ("read", "written", "dropped", "web_kept", "synthetic_generated", "synthetic_kept"):
             setattr(report, name, getattr(report, name) + stats[name])
+        report.oom_halvings += stats.get("oom_halvings", 0)  # absent from stats written before it existed
         for reason, n in stats["errors"].items():
             report.errors[reason] = report.errors.get(reason, 0) + n
         rows = pq.read_table(out / f"{stats['shard']}.parquet", columns=["web_score", "synthetic_scores"])
@@ -88,6 +90,8 @@ def format_report(r: OutputReport) -> str:
         lines.append(f"synthetic made   {r.synthetic_generated:,}")
     if r.synthetic_scored:
         lines.append(f"synthetic kept   {_rate(r.synthetic_kept, r.synthetic_scored)}")
+    if r.oom_halvings:
+        lines.append(f"OOM halvings     {r.oom_halvings:,} (batches retried in halves; lower --batch-size)")
     for name, qs in (("web score", r.web_score_quantiles), ("synthetic score", r.synthetic_score_quantiles)):
         if qs:
             lines.append(f"{name:<16} " + "  ".join(f"p{int(q * 100)}={v:.3f}" for q, v in qs.items()))

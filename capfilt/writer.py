@@ -95,6 +95,7 @@ class ShardStats:
     synthetic_generated: int = 0
     synthetic_kept: int = 0
     captions_scored: int = 0
+    oom_halvings: int = 0  # times a batch ran out of GPU memory and was retried in halves
 
     def count_error(self, reason: str) -> None:
         self.errors[reason] = self.errors.get(reason, 0) + 1

@@ -277,3 +277,28 @@ def test_broken_stream_is_retried_and_a_dead_one_reported(shards, tmp_path, tiny
     assert "failed shard part-00003: OSError" in result.output
     assert sorted(p.name for p in (tmp_path / "dead").glob("*_stats.json")) == ["part-00000_stats.json"]
     assert not list((tmp_path / "dead").glob("part-00003*"))
+
+
+def test_a_batch_out_of_gpu_memory_is_retried_in_halves(shards, tmp_path, stages, monkeypatch):
+    """Filtering is deterministic, so a run whose scorer runs out of memory above 2 images writes the same
+    shards as one that never did, and its stats say the batches were halved."""
+    import torch
+
+    def filter_only(out):
+        config = RunConfig(specs=(str(shards),), out=str(out), batch_size=4, workers=0, progress=False)
+        return run(config, scorer=stages[1], selection=SelectionConfig(threshold=0.55))
+
+    filter_only(tmp_path / "plenty")
+    real_call = Scorer.__call__
+
+    def small_gpu(self, pixel_values, texts):
+        if pixel_values.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_call(self, pixel_values, texts)
+
+    monkeypatch.setattr(Scorer, "__call__", small_gpu)
+    filter_only(tmp_path / "small")
+    assert _outputs(tmp_path / "small") == _outputs(tmp_path / "plenty")
+    halvings = sum(read_json(p)["oom_halvings"] for p in (tmp_path / "small").glob("*_stats.json"))
+    assert halvings == 1  # the limit, once halved, holds for the rest of the run
+    assert "OOM halvings" in cli("stats", tmp_path / "small").output
