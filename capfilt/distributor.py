@@ -6,9 +6,10 @@ processes therefore take more shards, and nobody needs to talk to anybody: the s
 `accelerate launch`, `srun`, or `--processes N`. A shard is done when its stats file exists (written last); a
 claim is dropped once that is so, and a claimer checks for it after winning, so a finished shard is never redone.
 
-JOB names one attempt of one job, agreed without communication from the launcher's environment (torchrun's
-run id and restart count, Slurm's job, step and restart count, or `CAPFILT_JOB_ID`). A restarted job is a new
-attempt, so the claims of a dead one block nothing: it redoes exactly the shards without a stats file.
+JOB names one attempt of one job, agreed from the launcher's environment (torchrun's run id and restart count,
+Slurm's job, step and requeue count, or `CAPFILT_JOB_ID`), else drawn by rank 0 and broadcast once. A restarted
+job is a new attempt, so the claims of a dead one block nothing: it redoes exactly the shards without a stats
+file.
 """
 
 from __future__ import annotations
@@ -50,15 +51,38 @@ def current_rank() -> Rank:
 def _job_id(world_size: int) -> str:
     env = os.environ
     if env.get("CAPFILT_JOB_ID"):
-        job = env["CAPFILT_JOB_ID"]
-    elif env.get("TORCHELASTIC_RUN_ID"):
+        return _safe(env["CAPFILT_JOB_ID"])
+    if env.get("TORCHELASTIC_RUN_ID", "none") != "none":  # torchrun's default id is "none": not unique
         job = f"torchrun-{env['TORCHELASTIC_RUN_ID']}-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     elif env.get("SLURM_JOB_ID"):
-        job = f"slurm-{env['SLURM_JOB_ID']}-{env.get('SLURM_STEP_ID', '0')}-{env.get('SLURM_RESTART_COUNT', '0')}"
+        job = f"slurm-{env['SLURM_JOB_ID']}-{env.get('SLURM_STEP_ID', '0')}"
     elif world_size == 1:
-        job = uuid.uuid4().hex
+        return uuid.uuid4().hex
+    elif env.get("MASTER_ADDR"):
+        job = _broadcast_new_id()
     else:
         raise CapfiltError("several processes but no job id to agree on: set CAPFILT_JOB_ID to one value for all")
+    if env.get("SLURM_RESTART_COUNT"):  # a requeued Slurm job keeps its job id (and torchrun its run id)
+        job += f"-requeue{env['SLURM_RESTART_COUNT']}"
+    return _safe(job)
+
+
+def _broadcast_new_id() -> str:
+    """Rank 0 draws the id and sends it to the others over a short-lived gloo group (torchrun / accelerate set
+    MASTER_ADDR and MASTER_PORT)."""
+    import torch.distributed as dist
+
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo")
+    box = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    if own:
+        dist.destroy_process_group()
+    return f"group-{box[0]}"
+
+
+def _safe(job: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in job)
 
 

@@ -54,7 +54,7 @@ def test_claims_are_won_once_per_job_and_never_for_a_done_shard(tmp_path):
 
 def test_job_id_comes_from_the_launcher(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CAPFILT_JOB_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID",
-                "SLURM_PROCID", "SLURM_NTASKS"):
+                "SLURM_PROCID", "SLURM_NTASKS", "SLURM_RESTART_COUNT", "MASTER_ADDR"):
         monkeypatch.delenv(var, raising=False)
     assert current_rank().world_size == 1 and current_rank().job != current_rank().job  # alone: a fresh attempt
     monkeypatch.setenv("RANK", "1")
