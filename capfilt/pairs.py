@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from capfilt.errors import CapfiltError
 from capfilt.reader import CORRUPT_IMAGE, Sample, decode_image, die_with_parent, read_shard, shard_name
 from capfilt.text import clean_caption
 
@@ -86,7 +87,7 @@ class PairStream(IterableDataset):
                 yield pair
             empty_draws = 0 if got else empty_draws + 1
             if empty_draws > 10 * len(self.urls):
-                raise RuntimeError("no usable samples in any shard: every draw came back empty")
+                raise CapfiltError("no usable image-caption pairs in any shard (a filter output that kept nothing?)")
 
     def _pairs(self, url: str, rng: random.Random) -> Iterator[tuple]:
         """(image, caption, sample id, key) per usable sample; (None, reason) per unusable one."""
