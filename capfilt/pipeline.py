@@ -112,8 +112,7 @@ def run(
                     if shard is not None:
                         shard.writer.abort()  # a retry starts the shard over with a fresh writer
                     if not item.retrying:
-                        summary.shards_failed[item.shard] = item.failed
-                        claims.release(item.shard)  # the next attempt of the job retries it
+                        summary.shards_failed[item.shard] = item.failed  # claim kept: the job's next attempt
                 else:
                     summary.add((shard or _OpenShard(ShardWriter(out, item.shard))).commit())
                     claims.release(item.shard)
