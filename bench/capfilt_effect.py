@@ -136,6 +136,8 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict:
 
 def table(results: list[dict]) -> str:
     def cell(values: list[float], digits: int = 3) -> str:
+        if any(v != v for v in values):  # NaN: nothing to measure (no synthetic captions in a filter-only run)
+            return "-"
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
 
