@@ -485,4 +485,12 @@ def attach_language_model(model: QFormerModel, llm: str, prompt: str) -> QFormer
     missing = [k for k in result.missing_keys if not k.startswith("language_projection.")]
     if missing or result.unexpected_keys:
         raise CapfiltError(f"LLM {llm!r} does not fit: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+    # The new projection writes into the LLM's embedding space: start the visual prompt at the size of a word
+    # embedding (the Q-Former's outputs leave a LayerNorm at unit scale). Drawn at the Q-Former's own init
+    # instead, a wide from-scratch Q-Former made it ~12x larger, and the frozen LLM answered with gibberish.
+    with torch.no_grad():
+        word_scale = language_model.get_input_embeddings().weight.float().std().item()
+        projection = stage2.language_projection
+        projection.weight.normal_(0.0, word_scale / projection.in_features**0.5)
+        projection.bias.zero_()
     return stage2

@@ -230,3 +230,13 @@ def test_stage2_labels_cover_only_the_caption_and_eos(model, qformer_parts):
     out.loss.backward()
     trained = {n.split(".")[0] for n, p in stage2.named_parameters() if p.grad is not None}
     assert trained == {"query_tokens", "ln_vision", "qformer", "language_projection"}
+
+
+@torch.no_grad()
+def test_the_visual_prompt_starts_at_the_size_of_a_word_embedding(model, inputs, qformer_parts):
+    """However wide the Q-Former's own init (0.2 here), the new projection starts the visual prompt on the
+    frozen LLM's scale, which a wide init had blown up into gibberish captions."""
+    stage2 = attach_language_model(model, qformer_parts["llm"], "a picture of ")
+    prefix = stage2.language_prefix(stage2.encode_image(inputs[0]))
+    words = stage2.language_model.get_input_embeddings().weight
+    assert 0.5 < prefix.std().item() / words.std().item() < 2.0
