@@ -136,6 +136,7 @@ class Captioner:
             # HF BLIP's generate replaces position 0 with [DEC] and drops the last position (the [SEP]).
             input_ids = torch.cat([prefix, prefix[:, :1]], dim=1)
             out = self.model.generate(pixel_values, input_ids=input_ids, **kwargs)[:, len(self.prefix) :]
-        texts = [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        # A caption is one line: a chat-tuned LLM behind a visual prompt may run on past it ("...\nA: 3.9/5").
+        texts = [t.strip().split("\n")[0].strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
         k = self.config.num_captions
         return [texts[i * k : (i + 1) * k] for i in range(batch)]

@@ -132,3 +132,12 @@ def test_bf16_runs(tiny_models, images, name):
         model = Scorer(ScorerConfig(model=tiny_models[name], dtype="bf16"))
         scores = model(model.image_transform(images), [["a dog"], ["a cat", "a bus"], []])
         assert all(0.0 <= s <= 1.0 for row in scores for s in row)
+
+
+def test_a_caption_ends_at_its_first_line_break(tiny_models, images, monkeypatch):
+    """An LLM may run on past the caption; what follows the first line break is not part of it."""
+    captioner = Captioner(CaptionerConfig(model=tiny_models["blip2_captioner"], num_captions=2))
+    pixels = captioner.image_transform(images[:1])
+    monkeypatch.setattr(captioner.tokenizer, "batch_decode",
+                        lambda ids, **kw: [" a dog on a sofa\nA: 3.9/5 = 20", "\na cat\n\nQ: what?"][: len(ids)])
+    assert captioner(pixels, seed=0) == [["a dog on a sofa", "a cat"]]
