@@ -339,6 +339,8 @@ def demo(
     num_captions: NumCaptions = 2,
     workers: Workers = 1,
     device: Device = "auto",
+    dtype: Annotated[str, typer.Option(help="Captioning and filtering precision: auto (bf16 on a GPU, else fp32), "
+                                            "fp32, bf16 or fp16. Training uses bf16 autocast on a GPU.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seeds training and caption sampling.")] = 0,
 ):
     """BLIP's loop offline on the bundled COCO demo: pre-train a Q-Former on the noisy corpus (EfficientNet-Lite0
@@ -349,7 +351,7 @@ def demo(
     with _user_errors():
         summary = run_demo(DemoConfig(out=str(out), cache_dir=cache_dir, source=source, stage1_steps=stage1_steps,
                                       stage2_steps=stage2_steps, batch_size=batch_size, num_captions=num_captions,
-                                      workers=workers, device=device, seed=seed), say=typer.echo)
+                                      workers=workers, device=device, dtype=dtype, seed=seed), say=typer.echo)
         typer.echo(summary.format())
 
 

@@ -34,7 +34,7 @@ from capfilt.errors import CapfiltError
 from capfilt.pairs import PairBatch, PairStream, load_pairs
 from capfilt.qformer import (LLM_TOKENIZER, QFormerModel, QFormerShape, attach_language_model, build_stage1,
                              qformer_tokenizer, vision_image_processor)
-from capfilt.checkpoint import ImageTransform, load_tokenizer
+from capfilt.checkpoint import ImageTransform, load_tokenizer, resolve_device
 from capfilt.reader import expand_specs
 
 SETTINGS = "capfilt_pretrain.json"
@@ -87,6 +87,7 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch_size: int = 32  # per process and micro-step
     mixed_precision: str = "auto"
+    device: str = "auto"  # "cpu" keeps a GPU machine's run on the CPU
     save_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -130,7 +131,7 @@ def _accelerator(config: PretrainConfig) -> Accelerator:
     precision = config.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
+    return Accelerator(mixed_precision=precision, cpu=resolve_device(config.device).type != "cuda",
                        log_with=list(config.log_with) or None, project_dir=config.out)
 
 

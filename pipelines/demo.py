@@ -43,6 +43,7 @@ class DemoConfig:
     num_captions: int = 2
     workers: int = 1
     device: str = "auto"
+    dtype: str = "auto"  # captioning and filtering: bf16 on a GPU that has it, else fp32
     seed: int = 0
 
     def __post_init__(self):
@@ -52,6 +53,8 @@ class DemoConfig:
             raise CapfiltError("--stage1-steps, --stage2-steps, --batch-size and --num-captions must be >= 1")
         if not Path(self.shards).exists():
             raise CapfiltError(f"demo shards {self.shards!r} not found")
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise CapfiltError(f"--dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
 
 
 @dataclass
@@ -68,6 +71,8 @@ class DemoSummary:
 
 def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoSummary:
     from capfilt.captioner import Captioner, CaptionerConfig
+    import torch
+
     from capfilt.checkpoint import resolve_device
     from capfilt.fetch import FetchConfig, fetch_efficientnet, fetch_smollm2
     from capfilt.pipeline import RunConfig, run
@@ -99,9 +104,10 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoSumm
         captions = [s.web_caption for url in expand_specs([config.shards]) for s in read_shard(url) if s.web_caption]
         train_qformer_tokenizer(captions, vocab_size=4000).save_pretrained(tokenizer_dir)
 
-    precision = "auto" if resolve_device(config.device).type == "cuda" else "no"
+    gpu = resolve_device(config.device).type == "cuda"
+    dtype = config.dtype if config.dtype != "auto" else "bf16" if gpu and torch.cuda.is_bf16_supported() else "fp32"
     common = dict(specs=(config.shards,), batch_size=config.batch_size, workers=config.workers, seed=config.seed,
-                  shuffle_buffer=200, log_every=25, mixed_precision=precision)
+                  shuffle_buffer=200, log_every=25, mixed_precision="auto" if gpu else "no", device=config.device)
     stage1, stage2 = out / "stage1", out / "stage2"
     say("[3/5] Q-Former stage 1 (ITC + ITM + ITG) on the frozen image encoder")
     if not (stage1 / "config.json").exists():
@@ -122,8 +128,9 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoSumm
     lap("stage 2")
 
     say("[4/5] bootstrap: stage 2 captions, stage 1 filters")
-    captioner = Captioner(CaptionerConfig(model=str(stage2), num_captions=config.num_captions, device=config.device))
-    scorer = Scorer(ScorerConfig(model=str(stage1), device=config.device))
+    captioner = Captioner(CaptionerConfig(model=str(stage2), num_captions=config.num_captions, device=config.device,
+                                          dtype=dtype))
+    scorer = Scorer(ScorerConfig(model=str(stage1), device=config.device, dtype=dtype))
     run(RunConfig(specs=(config.shards,), out=summary.cleaned, batch_size=config.batch_size,
                   workers=config.workers, seed=config.seed), captioner, scorer)
     lap("bootstrap")
