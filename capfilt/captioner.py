@@ -119,10 +119,9 @@ class Captioner:
             torch.manual_seed(seed)
         prefix = torch.tensor([self.prefix], device=self.device).repeat(batch, 1)
         kwargs = self.config.generation_kwargs(prompt_tokens=len(self.prefix))
-        if self.is_capfilt and not self.uses_llm:
-            out = self.model.generate(pixel_values, input_ids=prefix, eos_token_id=self.tokenizer.sep_token_id,
-                                      pad_token_id=self.tokenizer.pad_token_id, **kwargs)
-        elif self.is_capfilt:  # the queries go in as embeddings; only new tokens come back
+        if self.is_capfilt:  # the queries go in as embeddings; only new tokens come back
+            if not self.uses_llm:  # the ITG decoder ends a caption with [SEP]
+                kwargs.update(eos_token_id=self.tokenizer.sep_token_id, pad_token_id=self.tokenizer.pad_token_id)
             out = self.model.generate(pixel_values, input_ids=prefix, **kwargs)
         elif self.is_blip2:
             queries = self.model.config.num_query_tokens

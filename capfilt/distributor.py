@@ -174,7 +174,6 @@ def _child(rank, env, config, captioner_config, scorer_config, selection, result
         results.put((rank, exc))
 
 
-
 def _run_here(config, captioner_config, scorer_config, selection):
     from capfilt.captioner import Captioner
     from capfilt.pipeline import run

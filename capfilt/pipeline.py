@@ -116,14 +116,13 @@ def run(
                 else:
                     summary.add((shard or _OpenShard(ShardWriter(out, item.shard))).commit())
                     claims.release(item.shard)
-                view.update(0, 0, force=True)
+                view.update(open_shards.values(), force=True)
                 continue
             shard = open_shards.get(item.shard)
             if shard is None:
                 shard = open_shards[item.shard] = _OpenShard(ShardWriter(out, item.shard))
-            before = shard.writer.stats.written
             _process(item, shard.writer, captioner, scorer, selection, config, captioner_key, scorer_key, fit)
-            view.update(len(item.samples), shard.writer.stats.written - before)
+            view.update(open_shards.values())
     finally:
         for shard in open_shards.values():  # interrupted: leave no half-written shard behind
             shard.writer.abort()
@@ -140,13 +139,12 @@ class _JobView:
 
     def __init__(self, out: Path, names: list[str], enabled: bool, every_s: float = 5.0):
         self.out, self.pending, self.every_s = out, set(names), every_s
-        self.done_read = self.done_written = self.mine_read = self.mine_written = 0
+        self.done_read = self.done_written = 0
         self.started = self.checked = time.perf_counter()
         self.bar = tqdm(total=len(names), unit="shard", desc="shards", disable=not enabled, file=sys.stderr)
 
-    def update(self, read: int, written: int, force: bool = False) -> None:
-        self.mine_read += read  # this process's samples in shards not yet finished
-        self.mine_written += written
+    def update(self, open_shards, force: bool = False) -> None:
+        """`open_shards`: this process's unfinished shards, whose samples no stats file counts yet."""
         if self.bar.disable or not (force or time.perf_counter() - self.checked > self.every_s):
             return
         self.checked = time.perf_counter()
@@ -155,12 +153,11 @@ class _JobView:
             self.pending.discard(name)
             self.done_read += stats["read"]
             self.done_written += stats["written"]
-        if force:  # one of ours finished: its samples are now counted through its stats file
-            self.mine_read = self.mine_written = 0
         self.bar.n = self.bar.total - len(self.pending)
-        read = self.done_read + self.mine_read
+        read = self.done_read + sum(shard.writer.stats.read for shard in open_shards)
+        written = self.done_written + sum(shard.writer.stats.written for shard in open_shards)
         rate = read / max(1e-9, time.perf_counter() - self.started)
-        self.bar.set_postfix_str(f"{rate:.1f} img/s, keep {(self.done_written + self.mine_written) / max(1, read):.0%}")
+        self.bar.set_postfix_str(f"{rate:.1f} img/s, keep {written / max(1, read):.0%}")
 
     def close(self) -> None:
         self.bar.close()

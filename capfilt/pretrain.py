@@ -128,10 +128,11 @@ class PretrainSummary:
 
 
 def _accelerator(config: PretrainConfig) -> Accelerator:
+    gpu = resolve_device(config.device).type == "cuda"
     precision = config.mixed_precision
     if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=precision, cpu=resolve_device(config.device).type != "cuda",
+        precision = "bf16" if gpu and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(mixed_precision=precision, cpu=not gpu,
                        log_with=list(config.log_with) or None, project_dir=config.out)
 
 

@@ -300,7 +300,6 @@ class QFormerModel(PreTrainedModel):
             mask[:, prefix.shape[1] :] = attention_mask
         return self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
 
-
     def _itg_generate(self, pixel_values, input_ids, *, max_new_tokens: int, eos_token_id: int, pad_token_id: int,
                       min_new_tokens: int = 0, do_sample: bool = False, top_p: float = 1.0, top_k: int = 0,
                       repetition_penalty: float = 1.0, num_beams: int = 1, num_return_sequences: int = 1):

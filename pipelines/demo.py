@@ -109,7 +109,7 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoSumm
     gpu = resolve_device(config.device).type == "cuda"
     dtype = config.dtype if config.dtype != "auto" else "bf16" if gpu and torch.cuda.is_bf16_supported() else "fp32"
     common = dict(specs=(config.shards,), batch_size=config.batch_size, workers=config.workers, seed=config.seed,
-                  shuffle_buffer=200, log_every=25, mixed_precision="auto" if gpu else "no", device=config.device)
+                  shuffle_buffer=200, log_every=25, device=config.device)
     stage1, stage2 = out / "stage1", out / "stage2"
     say("[3/5] Q-Former stage 1 (ITC + ITM + ITG) on the frozen image encoder")
     if not (stage1 / "config.json").exists():
