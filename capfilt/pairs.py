@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -38,6 +38,18 @@ class PairBatch:
     keys: list[str]
     skipped: dict[str, int]
     inputs: dict[str, torch.Tensor] | None = None
+
+    def pin_memory(self) -> PairBatch:
+        # The DataLoader's pin thread calls this; without it a dataclass passes through unpinned.
+        pinned: dict[int, torch.Tensor] = {}
+
+        def pin(tensor: torch.Tensor) -> torch.Tensor:  # `inputs` holds pixel_values again: copy it once
+            if id(tensor) not in pinned:
+                pinned[id(tensor)] = tensor.pin_memory()
+            return pinned[id(tensor)]
+
+        inputs = None if self.inputs is None else {name: pin(tensor) for name, tensor in self.inputs.items()}
+        return replace(self, pixel_values=pin(self.pixel_values), sample_ids=pin(self.sample_ids), inputs=inputs)
 
 
 def captions_of(sample: Sample) -> list[str]:

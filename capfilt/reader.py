@@ -16,7 +16,7 @@ import sys
 import tarfile
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -212,6 +212,10 @@ class Batch:
     index: int
     samples: list[Sample]
     pixels: dict[str, torch.Tensor]
+
+    def pin_memory(self) -> Batch:
+        # The DataLoader's pin thread calls this; without it a dataclass passes through unpinned.
+        return replace(self, pixels={name: tensor.pin_memory() for name, tensor in self.pixels.items()})
 
 
 @dataclass

@@ -59,6 +59,38 @@ def test_bad_samples_get_reasons_and_good_ones_survive(tmp_path):
         assert len(b.pixels["id"]) == len(ok)
 
 
+def test_the_dataloader_pins_every_batch_tensor(tmp_path, monkeypatch):
+    """With pin_memory the DataLoader's pin thread must reach the tensors inside capfilt's batch dataclasses (it
+    leaves objects it does not know unpinned), or host-to-GPU copies are neither fast nor non-blocking."""
+    import torch
+    from torch.utils.data._utils.pin_memory import pin_memory as dataloader_pin  # what the pin thread calls
+
+    from capfilt.pairs import PairStream
+
+    pinned = []
+
+    def fake_pin(tensor):  # the real one needs an accelerator
+        pinned.append(tensor.data_ptr())
+        return tensor.clone()
+
+    path = write_tar(tmp_path / "demo.tar", demo_samples(6))
+    transform = lambda images: torch.zeros(len(images), 3, 4, 4)
+    stream = ShardStream([str(path)], {"a": transform, "b": transform}, 4)
+    batch = next(b for b in stream if isinstance(b, reader.Batch))
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    out = dataloader_pin(batch)
+    assert isinstance(out, reader.Batch) and out.samples == batch.samples
+    assert sorted(pinned) == sorted(t.data_ptr() for t in batch.pixels.values())
+
+    tokenize = lambda b: dict(pixel_values=b.pixel_values, input_ids=torch.ones(len(b.captions), 5, dtype=torch.long))
+    pairs = next(iter(PairStream([str(path)], transform, 3, resampled=False, tokenize=tokenize)))
+    pinned.clear()
+    out = dataloader_pin(pairs)
+    assert out.captions == pairs.captions and out.inputs["pixel_values"] is out.pixel_values  # copied once
+    assert sorted(pinned) == sorted(t.data_ptr() for t in (pairs.pixel_values, pairs.sample_ids,
+                                                           pairs.inputs["input_ids"]))
+
+
 def test_truncated_tar_keeps_what_came_before(tmp_path):
     path = truncate(write_tar(tmp_path / "t.tar", demo_samples(10)), 0.5)
     samples = list(read_shard(str(path)))

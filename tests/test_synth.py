@@ -1,7 +1,5 @@
 """The synthetic world: deterministic, captions true to the pictures, planted noise exactly as marked."""
 
-import json
-
 import pytest
 from typer.testing import CliRunner
 
