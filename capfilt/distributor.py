@@ -33,22 +33,21 @@ class Rank:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    job: str = ""
 
 
 def current_rank() -> Rank:
     """This process's place in the job, from torchrun / accelerate (RANK, WORLD_SIZE, LOCAL_RANK) or Slurm."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    else:
-        rank, world, local = 0, 1, 0
-    return Rank(rank, world, local, _job_id(world))
+        return Rank(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return Rank(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    return Rank()
 
 
-def _job_id(world_size: int) -> str:
+def job_id(me: Rank) -> str:
+    """The name of this attempt of the job, the same in all of its processes. Call it once per run, in every
+    process alike: without a launcher id it is agreed by message."""
     env = os.environ
     if env.get("CAPFILT_JOB_ID"):
         return _safe(env["CAPFILT_JOB_ID"])
@@ -56,10 +55,10 @@ def _job_id(world_size: int) -> str:
         job = f"torchrun-{env['TORCHELASTIC_RUN_ID']}-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     elif env.get("SLURM_JOB_ID"):
         job = f"slurm-{env['SLURM_JOB_ID']}-{env.get('SLURM_STEP_ID', '0')}"
-    elif world_size == 1:
+    elif me.world_size == 1:
         return uuid.uuid4().hex
     elif env.get("MASTER_ADDR"):
-        job = _broadcast_new_id()
+        job = f"group-{_agree_on_new_id(me)}"
     else:
         raise CapfiltError("several processes but no job id to agree on: set CAPFILT_JOB_ID to one value for all")
     if env.get("SLURM_RESTART_COUNT"):  # a requeued Slurm job keeps its job id (and torchrun its run id)
@@ -67,19 +66,32 @@ def _job_id(world_size: int) -> str:
     return _safe(job)
 
 
-def _broadcast_new_id() -> str:
-    """Rank 0 draws the id and sends it to the others over a short-lived gloo group (torchrun / accelerate set
-    MASTER_ADDR and MASTER_PORT)."""
+_agreed = 0  # ids this process has agreed on: every rank's n-th run uses the n-th key
+
+
+def _agree_on_new_id(me: Rank) -> str:
+    """Rank 0 draws the id and the others read it: over the program's process group if it has one, else through
+    the launcher's store at MASTER_ADDR:MASTER_PORT (torchrun's agent store, or one rank 0 serves). No process
+    group is made, so none is left for a later `init_process_group` to trip over, and a second run agrees anew
+    (a default group initialised again on torchrun's store meets the first one's keys, and can hang)."""
+    global _agreed
     import torch.distributed as dist
 
-    own = not dist.is_initialized()
-    if own:
-        dist.init_process_group("gloo")
-    box = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    if own:
-        dist.destroy_process_group()
-    return f"group-{box[0]}"
+    drawn = uuid.uuid4().hex
+    if dist.is_initialized():
+        box = [drawn]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    store, _, _ = next(dist.rendezvous("env://", rank=me.rank, world_size=me.world_size))
+    key = f"capfilt/job-id/{_agreed}"
+    _agreed += 1
+    if me.rank == 0:
+        store.set(key, drawn)
+        store.wait([f"{key}/read/{r}" for r in range(1, me.world_size)])  # it may serve the store: up until all read
+        return drawn
+    drawn = store.get(key).decode()  # waits for rank 0
+    store.set(f"{key}/read/{me.rank}", "")
+    return drawn
 
 
 def _safe(job: str) -> str:
@@ -94,11 +106,15 @@ class Claims:
         self.out, self.dir = Path(out), Path(out) / CLAIMS / job
 
     def __call__(self, name: str) -> bool:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(self.dir / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
+        while True:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.dir / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                return False
+            except FileNotFoundError:  # a process that finished removed the emptied directory meanwhile: remake it
+                continue
         with os.fdopen(fd, "w") as f:
             json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}, f)
         if stats_path(self.out, name).exists():  # finished by this job after our listing: its claim had already been dropped

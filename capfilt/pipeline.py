@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from capfilt import reader
 from capfilt.captioner import Captioner
-from capfilt.distributor import Claims, current_rank
+from capfilt.distributor import Claims, current_rank, job_id
 from capfilt.errors import CapfiltError
 from capfilt.reader import Batch, Sample, ShardEnd, ShardStream
 from capfilt.scorer import Scorer
@@ -91,13 +91,14 @@ def run(
     if config.overwrite and me.world_size > 1:
         raise CapfiltError("--overwrite with several processes: clear the output directory first, then run")
     prepare_output(out, _settings(config, captioner, scorer, selection), config.overwrite)
+    job = job_id(me)  # before anyone can return early: agreeing on it may need every process
     todo = [u for u in urls if not stats_path(out, reader.shard_name(u)).exists()]
     summary = RunSummary(out=str(out), shards_total=len(urls), shards_skipped=len(urls) - len(todo))
     if not todo:
         return summary
 
     transforms, captioner_key, scorer_key = shared_transforms(captioner, scorer)
-    claims = Claims(out, me.job)
+    claims = Claims(out, job)
     stream = ShardStream(todo, transforms, config.batch_size, retries=config.retries, claim=claims)
     device = (captioner or scorer).device
     started = time.perf_counter()

@@ -4,7 +4,9 @@ writes, and a job whose process was killed finishes, on restart, to the same byt
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +16,7 @@ import pytest
 from conftest import demo_samples, read_json, write_tar
 from typer.testing import CliRunner
 
-from capfilt.distributor import Claims, current_rank
+from capfilt.distributor import Claims, Rank, current_rank, job_id
 from capfilt.errors import CapfiltError
 from cli import app
 
@@ -52,18 +54,50 @@ def test_claims_are_won_once_per_job_and_never_for_a_done_shard(tmp_path):
     assert b("part-00000")
 
 
+def test_a_claim_survives_a_finished_peer_removing_the_job_directory(tmp_path, monkeypatch):
+    """A peer that finishes removes the job's emptied claim directory; one about to claim must not crash on it."""
+    claims, real_open, removed = Claims(tmp_path, "job-1"), os.open, []
+
+    def open_after_peer_closed(path, *args):
+        if not removed:
+            removed.append(Claims(tmp_path, "job-1").close())  # between our mkdir and our open
+        return real_open(path, *args)
+
+    monkeypatch.setattr(os, "open", open_after_peer_closed)
+    assert claims("part-00000") and removed and (tmp_path / ".claims" / "job-1" / "part-00000").exists()
+
+
 def test_job_id_comes_from_the_launcher(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CAPFILT_JOB_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID",
                 "SLURM_PROCID", "SLURM_NTASKS", "SLURM_RESTART_COUNT", "MASTER_ADDR"):
         monkeypatch.delenv(var, raising=False)
-    assert current_rank().world_size == 1 and current_rank().job != current_rank().job  # alone: a fresh attempt
+    assert current_rank() == Rank(0, 1, 0) and job_id(current_rank()) != job_id(current_rank())  # a fresh attempt
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(CapfiltError, match="CAPFILT_JOB_ID"):
-        current_rank()
+        job_id(current_rank())
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    assert current_rank() == current_rank() and current_rank().job == "torchrun-abc-1" and current_rank().rank == 1
+    assert current_rank() == Rank(1, 2, 0) and job_id(current_rank()) == "torchrun-abc-1"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+    assert job_id(current_rank()) == "torchrun-abc-1-requeue3"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ranks_without_a_launcher_id_agree_on_each_run(tmp_path):
+    """MASTER_ADDR / MASTER_PORT only (rank 0 serves the store): every run in a process agrees on a new id."""
+    code = "from capfilt.distributor import current_rank, job_id; me = current_rank(); print(job_id(me), job_id(me))"
+    env = {k: v for k, v in os.environ.items() if k not in ("CAPFILT_JOB_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID")}
+    env.update(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    ranks = [subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
+                              text=True) for r in range(2)]
+    (first, second), (first_1, second_1) = (rank.communicate(timeout=120)[0].split() for rank in ranks)
+    assert (first, second) == (first_1, second_1) and first != second and first.startswith("group-")
 
 
 def test_two_processes_write_exactly_what_one_writes(shards, tmp_path, tiny_models):
@@ -103,3 +137,19 @@ def test_a_killed_rank_leaves_a_job_that_a_restart_completes(shards, tmp_path, t
         assert rank.wait(timeout=300) == 0, rank.stderr.read().decode()[-2000:]
     assert _outputs(out) == _outputs(reference)
     assert not list(out.glob("*.tmp"))
+
+
+def test_torchrun_without_a_run_id_agrees_on_one_job(shards, tmp_path, tiny_models):
+    """`torchrun --nproc-per-node 2` and `accelerate launch --multi_gpu` leave the run id at "none": the ranks
+    agree on a job id through the launcher's store, split the shards and exit (no hang on a second agreement)."""
+    reference = tmp_path / "reference"
+    assert CliRunner().invoke(app, _args(shards, reference, tiny_models)).exit_code == 0
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID")}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                "--master-port", str(_free_port())]
+    job = subprocess.run([*launcher, str(REPO / "cli.py"), *_args(shards, tmp_path / "out", tiny_models)],
+                         env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+    assert job.returncode == 0, job.stderr[-2000:]
+    done = [int(n) for n in re.findall(r"this run: (\d) shards done", job.stdout)]
+    assert len(done) == 2 and sum(done) == 6, job.stdout  # each rank's own share, no shard twice
+    assert _outputs(tmp_path / "out") == _outputs(reference)
