@@ -16,18 +16,23 @@ procs   `run_job(..., processes=2)` against `processes=1`, both with `workers=0`
         so a process is one core's work) and a fresh output directory. Each spawned child sets
         cpu_count // 2 torch threads; the one-process run gets the same (1 on a 2-core machine: one thread
         each). Wall time around the call, so it includes building the models and, for 2 processes, spawning
-        them and importing torch there; the log line also gives the run loop's own time (the slowest
-        process's). Work is split by shard, so the corpus needs several. Target >= 1.8x.
+        them and importing torch there (about 5 s on 2 cores); the log line also gives the run loop's own time
+        (the slowest process's). Work is split by shard, so the corpus needs several: `--procs-copies` of the
+        demo shards (default 16: 1,280 images, 64 shards). Target >= 1.8x.
 rss     Peak resident memory of an end-to-end `bootstrap` in a fresh process (`--rss-child`), on the corpus and
         on one 10x its size: the child's ru_maxrss plus, with workers, `--workers` times the largest worker's
         (RUSAGE_CHILDREN): an upper bound, since workers share pages with their parent. Target: flat (10x/1x
         <= 1.1), as the reader streams.
 
-    python bench/bootstrap.py                     # both model sizes, all parts, demo corpus x4
+    python bench/bootstrap.py                     # tiny and base, all parts, demo corpus x4
     python bench/bootstrap.py --size base --copies 8 --workers 2 --batch-size 16 --parts ratio,naive
+    python bench/bootstrap.py --size blip-base --dtype bf16 --batch-size 16,32,64,128 --copies 16 --workers 8 \
+        --parts ratio,naive                       # on a GPU: images/s, GPU memory, ratio per batch size
 
 Models are random (`capfilt.testing`), so the numbers measure throughput only; `base` is a size where compute
-matters (hidden 256, 4 layers, 224 px), `tiny` one where I/O dominates.
+matters (hidden 256, 4 layers, 224 px), `tiny` one where I/O dominates, `blip-base` has BLIP-base's shapes
+(ViT-B/16 at 384 px, BERT-base with its 30,524-token vocabulary), so its compute is the real checkpoint's
+(random captions run to the maximum length, so if anything it overstates the decoding work).
 """
 
 from __future__ import annotations
@@ -56,7 +61,9 @@ from capfilt.selection import SelectionConfig
 from capfilt.testing import build_tiny_models
 
 SIZES = {"tiny": dict(hidden=32, layers=2, image_size=32, patch=8),
-         "base": dict(hidden=256, layers=4, image_size=224, patch=16)}
+         "base": dict(hidden=256, layers=4, image_size=224, patch=16),
+         # BLIP-base (Salesforce/blip-image-captioning-base, blip-itm-base-coco): ViT-B/16 at 384 px, BERT-base.
+         "blip-base": dict(hidden=768, layers=12, image_size=384, patch=16, vocab_size=30524)}
 PARTS = ("ratio", "naive", "procs", "rss")
 RSS_SCALE = 10
 DEMO = Path(__file__).resolve().parents[1] / "shards"
@@ -71,9 +78,15 @@ def make_corpus(root: Path, copies: int) -> Path:
     return corpus
 
 
-def run_config(corpus: Path, root: Path, args, workers: int) -> RunConfig:
+def run_config(corpus: Path, root: Path, args, workers: int, batch_size: int) -> RunConfig:
     return RunConfig(specs=(str(corpus),), out=tempfile.mkdtemp(prefix="out-", dir=root),
-                     batch_size=args.batch_size, workers=workers, seed=0, progress=False)
+                     batch_size=batch_size, workers=workers, seed=0, progress=False)
+
+
+def model_configs(models: dict, args) -> tuple[CaptionerConfig, ScorerConfig]:
+    return (CaptionerConfig(model=models["blip_captioner"], num_captions=args.num_captions, device=args.device,
+                            dtype=args.dtype),
+            ScorerConfig(model=models["blip_itm"], device=args.device, dtype=args.dtype))
 
 
 def compute_only(batches: list[Batch], captioner: Captioner, scorer: Scorer, keys) -> float:
@@ -89,22 +102,23 @@ def compute_only(batches: list[Batch], captioner: Captioner, scorer: Scorer, key
 def naive_loop(corpus: Path, models: dict, captioner: Captioner, scorer: Scorer, n: int) -> tuple[int, float]:
     samples = (s for url in expand_specs([str(corpus)]) for s in read_shard(url) if s.error is None)
     images = [(decode_image(s.image), s.web_caption) for s in itertools.islice(samples, n)]
-    cap_model = BlipForConditionalGeneration.from_pretrained(models["blip_captioner"]).eval()
+    device, dtype = captioner.device, captioner.model.dtype  # as a user would: the whole model moved and cast
+    cap_model = BlipForConditionalGeneration.from_pretrained(models["blip_captioner"], dtype=dtype).to(device).eval()
     cap_processor = BlipProcessor.from_pretrained(models["blip_captioner"])
-    itm_model = BlipForImageTextRetrieval.from_pretrained(models["blip_itm"]).eval()
+    itm_model = BlipForImageTextRetrieval.from_pretrained(models["blip_itm"], dtype=dtype).to(device).eval()
     itm_processor = BlipProcessor.from_pretrained(models["blip_itm"])
     enc = enc_token_id(itm_processor.tokenizer, itm_model.config.text_config.vocab_size)
     kwargs = captioner.config.generation_kwargs(prompt_tokens=len(captioner.prefix))
 
     def one(image, web_caption) -> list[float]:
-        inputs = cap_processor(images=image, text=captioner.prompt, return_tensors="pt")
-        out = cap_model.generate(**inputs, **kwargs)
+        inputs = cap_processor(images=image, text=captioner.prompt, return_tensors="pt").to(device)
+        out = cap_model.generate(**inputs.to(dtype), **kwargs)
         texts = cap_processor.batch_decode(out, skip_special_tokens=True)
         captions = [t.removeprefix(captioner.prompt.strip()).strip() for t in texts]
         scores = []
         for text in [web_caption, *captions]:
             inputs = itm_processor(images=image, text=text, truncation=True, max_length=scorer.max_text_length,
-                                   return_tensors="pt")
+                                   return_tensors="pt").to(device).to(dtype)
             inputs["input_ids"][:, 0] = enc
             scores.append(itm_model(**inputs, use_itm_head=True).itm_score.softmax(dim=-1)[0, 1].item())
         return scores
@@ -118,97 +132,109 @@ def naive_loop(corpus: Path, models: dict, captioner: Captioner, scorer: Scorer,
 
 
 def with_processes(corpus: Path, root: Path, models: dict, args, processes: int) -> tuple[int, float, float]:
-    config = run_config(corpus, root, args, workers=0)
+    config = run_config(corpus, root, args, workers=0, batch_size=args.batch_size[0])
     start = time.perf_counter()
-    summary = run_job(config, CaptionerConfig(model=models["blip_captioner"], num_captions=args.num_captions),
-                      ScorerConfig(model=models["blip_itm"]), SelectionConfig(), processes=processes)
+    summary = run_job(config, *model_configs(models, args), SelectionConfig(), processes=processes)
     return summary.samples, time.perf_counter() - start, summary.duration_s
 
 
 def peak_rss_mib(corpus: Path, root: Path, models: dict, args) -> float:
     out = tempfile.mkdtemp(prefix="out-", dir=root)
     command = [sys.executable, __file__, "--rss-child", str(corpus), out, models["blip_captioner"], models["blip_itm"],
-               "--workers", str(args.workers), "--batch-size", str(args.batch_size),
-               "--num-captions", str(args.num_captions)]
+               "--workers", str(args.workers), "--batch-size", str(args.batch_size[0]),
+               "--num-captions", str(args.num_captions), "--device", args.device, "--dtype", args.dtype]
     child = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)  # stderr shows a failure
     return json.loads(child.stdout.splitlines()[-1])["peak_kib"] / 1024
 
 
 def rss_child(args) -> None:
     corpus, out, captioner, itm = args.rss_child
-    config = RunConfig(specs=(corpus,), out=out, batch_size=args.batch_size, workers=args.workers, seed=0,
+    config = RunConfig(specs=(corpus,), out=out, batch_size=args.batch_size[0], workers=args.workers, seed=0,
                        progress=False)
-    run_job(config, CaptionerConfig(model=captioner, num_captions=args.num_captions), ScorerConfig(model=itm),
-            SelectionConfig())
+    run_job(config, *model_configs({"blip_captioner": captioner, "blip_itm": itm}, args), SelectionConfig())
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest joined DataLoader worker
     print(json.dumps({"peak_kib": own + args.workers * worker}))
 
 
-def bench(size: str, args, parts: set[str]) -> dict:
+def bench(size: str, args, parts: set[str]) -> list[dict]:
+    """One row per batch size for ratio and naive; procs and rss (first batch size) join the first row."""
     root = Path(tempfile.mkdtemp(prefix="capfilt-bench-"))
-    row: dict = dict(size=size)
+    rows = [dict(size=size, batch=b) for b in args.batch_size]
     try:
-        models = build_tiny_models(root / "models", **SIZES[size])
+        models = build_tiny_models(root / "models", **SIZES[size], blip2=False)
         corpus = make_corpus(root, args.copies)
         shards = len(expand_specs([str(corpus)]))
         if parts & {"ratio", "naive"}:  # the naive loop is compared with the end-to-end run
-            captioner = Captioner(CaptionerConfig(model=models["blip_captioner"], num_captions=args.num_captions))
-            scorer = Scorer(ScorerConfig(model=models["blip_itm"]))
-            transforms, *keys = shared_transforms(captioner, scorer)
-            batches = [b for b in ShardStream(expand_specs([str(corpus)]), transforms, args.batch_size)
-                       if isinstance(b, Batch)]
-            row["images"] = sum(len(b.samples) for b in batches)
-            compute_only(batches[:1], captioner, scorer, keys)  # warm-up, for the end-to-end run too
-            if "ratio" in parts:
-                compute_s = compute_only(batches, captioner, scorer, keys)
-                row["compute"] = row["images"] / compute_s
-            start = time.perf_counter()
-            summary = run(run_config(corpus, root, args, args.workers), captioner, scorer, SelectionConfig())
-            end_to_end_s = time.perf_counter() - start
-            assert summary.samples == row["images"]
-            row["e2e"] = row["images"] / end_to_end_s
-            if "ratio" in parts:
-                row["ratio"] = compute_s / end_to_end_s
-            print(f"{size}: end-to-end {row['images']} images ({shards} shards) in {end_to_end_s:.1f} s, "
-                  f"{args.workers} workers, {torch.get_num_threads()} torch threads", flush=True)
-            if "naive" in parts:
-                n, naive_s = naive_loop(corpus, models, captioner, scorer, args.naive_images)
-                row.update(naive=n / naive_s, vs_naive=row["e2e"] * naive_s / n)
-                print(f"{size}: naive loop {n} images in {naive_s:.1f} s", flush=True)
+            captioner_config, scorer_config = model_configs(models, args)
+            captioner, scorer = Captioner(captioner_config), Scorer(scorer_config)
+            for row in rows:
+                ratio_and_naive(row, corpus, root, models, captioner, scorer, args, parts)
+            del captioner, scorer
+        row = rows[0]
         if "procs" in parts:
+            procs_corpus = corpus if args.procs_copies == args.copies else make_corpus(root, args.procs_copies)
             threads = torch.get_num_threads()
             # The same torch threads as each of the 2 children, so the comparison is one core set against two.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
             try:
-                samples, one_s, one_loop_s = with_processes(corpus, root, models, args, 1)
+                samples, one_s, one_loop_s = with_processes(procs_corpus, root, models, args, 1)
             finally:
                 torch.set_num_threads(threads)
-            samples_2, two_s, two_loop_s = with_processes(corpus, root, models, args, 2)
+            samples_2, two_s, two_loop_s = with_processes(procs_corpus, root, models, args, 2)
             assert samples == samples_2
-            row.setdefault("images", samples)
-            row.update(proc1=samples / one_s, proc2=samples / two_s, speedup=one_s / two_s)
-            print(f"{size}: workers 0, 1 process {one_s:.1f} s wall (run loop {one_loop_s:.1f} s), 2 processes "
-                  f"{two_s:.1f} s wall (slowest run loop {two_loop_s:.1f} s): {one_loop_s / two_loop_s:.2f}x "
-                  f"without start-up", flush=True)
+            row.update(procs_images=samples, proc1=samples / one_s, proc2=samples / two_s, speedup=one_s / two_s)
+            print(f"{size}: {samples} images, workers 0, 1 process {one_s:.1f} s wall (run loop {one_loop_s:.1f} s), "
+                  f"2 processes {two_s:.1f} s wall (slowest run loop {two_loop_s:.1f} s): "
+                  f"{one_loop_s / two_loop_s:.2f}x without start-up", flush=True)
         if "rss" in parts:
             row["rss1"] = peak_rss_mib(corpus, root, models, args)
             row["rss10"] = peak_rss_mib(make_corpus(root, RSS_SCALE * args.copies), root, models, args)
             row["rss_ratio"] = row["rss10"] / row["rss1"]
             print(f"{size}: peak RSS {row['rss1']:.0f} MiB ({shards} shards), {row['rss10']:.0f} MiB "
                   f"({RSS_SCALE * shards} shards), {args.workers} workers", flush=True)
-        return row
+        return rows
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def ratio_and_naive(row: dict, corpus: Path, root: Path, models: dict, captioner: Captioner, scorer: Scorer, args,
+                    parts: set[str]) -> None:
+    transforms, *keys = shared_transforms(captioner, scorer)
+    batches = [b for b in ShardStream(expand_specs([str(corpus)]), transforms, row["batch"]) if isinstance(b, Batch)]
+    row["images"] = sum(len(b.samples) for b in batches)
+    compute_only(batches[:1], captioner, scorer, keys)  # warm-up, for the end-to-end run too
+    if "ratio" in parts:
+        compute_s = compute_only(batches, captioner, scorer, keys)
+        row["compute"] = row["images"] / compute_s
+    cuda = captioner.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(captioner.device)
+    start = time.perf_counter()
+    summary = run(run_config(corpus, root, args, args.workers, row["batch"]), captioner, scorer, SelectionConfig())
+    row["e2e_s"] = time.perf_counter() - start
+    assert summary.samples == row["images"]
+    row["e2e"] = row["images"] / row["e2e_s"]
+    if cuda:
+        row["gpu_gib"] = torch.cuda.max_memory_allocated(captioner.device) / 2**30
+    if "ratio" in parts:
+        row["ratio"] = compute_s / row["e2e_s"]
+    print(f"{row['size']}: batch {row['batch']}: end-to-end {row['images']} images in {row['e2e_s']:.1f} s, "
+          f"{args.workers} workers, {torch.get_num_threads()} torch threads, {captioner.device}, {args.dtype}",
+          flush=True)
+    if "naive" in parts:
+        n, naive_s = naive_loop(corpus, models, captioner, scorer, args.naive_images)
+        row.update(naive=n / naive_s, vs_naive=row["e2e"] * naive_s / n)
+        print(f"{row['size']}: naive loop {n} images in {naive_s:.1f} s", flush=True)
+
+
 def table(rows: list[dict]) -> str:
-    columns = [("size", "size", "{}", None), ("images", "images", "{}", None),
+    columns = [("size", "size", "{}", None), ("batch", "batch", "{}", None), ("images", "images", "{}", None),
                ("e2e img/s", "e2e", "{:.1f}", None), ("compute img/s", "compute", "{:.1f}", None),
-               ("ratio (>= 0.9)", "ratio", "{:.2f}", lambda x: x >= 0.9),
+               ("ratio (>= 0.9)", "ratio", "{:.2f}", lambda x: x >= 0.9), ("GPU GiB", "gpu_gib", "{:.1f}", None),
                ("naive img/s", "naive", "{:.1f}", None),
                ("vs naive (>= 3x)", "vs_naive", "{:.1f}x", lambda x: x >= 3),
-               ("1 proc img/s", "proc1", "{:.1f}", None), ("2 procs img/s", "proc2", "{:.1f}", None),
+               ("procs images", "procs_images", "{}", None), ("1 proc img/s", "proc1", "{:.1f}", None), ("2 procs img/s", "proc2", "{:.1f}", None),
                ("speed-up (>= 1.8x)", "speedup", "{:.2f}x", lambda x: x >= 1.8),
                ("RSS 1x MiB", "rss1", "{:.0f}", None), (f"RSS {RSS_SCALE}x MiB", "rss10", "{:.0f}", None),
                (f"{RSS_SCALE}x / 1x (<= 1.1)", "rss_ratio", "{:.2f}", lambda x: x <= 1.1)]
@@ -229,7 +255,13 @@ def main() -> None:
     parser.add_argument("--size", choices=[*SIZES, "both"], default="both")
     parser.add_argument("--copies", type=int, default=4, help="demo corpus copies (4 shards, 80 images each)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (not for procs: 0 there)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--procs-copies", type=int, default=16,
+                        help="demo corpus copies for procs: a job long enough that starting the processes (~5 s) "
+                             "is amortised as in a real one")
+    parser.add_argument("--batch-size", type=lambda v: [int(b) for b in v.split(",")], default=[16],
+                        help="images per batch; a comma-separated list gives ratio and naive one row each")
+    parser.add_argument("--device", default="auto", help="auto (cuda when there is a GPU), cpu, cuda")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--num-captions", type=int, default=1)
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     parser.add_argument("--naive-images", type=int, default=32, help="images timed in the naive loop")
@@ -240,10 +272,11 @@ def main() -> None:
     parts = set(args.parts.split(","))
     if not parts <= set(PARTS):
         parser.error(f"--parts: unknown {', '.join(sorted(parts - set(PARTS)))}; choose from {', '.join(PARTS)}")
-    sizes = list(SIZES) if args.size == "both" else [args.size]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, device cpu, "
-          f"batch {args.batch_size}, {args.num_captions} caption(s) per image", flush=True)
-    rows = [bench(size, args, parts) for size in sizes]
+    sizes = ["tiny", "base"] if args.size == "both" else [args.size]
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "no GPU"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {gpu}, "
+          f"{args.dtype}, batch {args.batch_size}, {args.num_captions} caption(s) per image", flush=True)
+    rows = [row for size in sizes for row in bench(size, args, parts)]
     print(table(rows))
 
 

@@ -7,9 +7,9 @@ processes therefore take more shards, and nobody needs to talk to anybody: the s
 claim is dropped once that is so, and a claimer checks for it after winning, so a finished shard is never redone.
 
 JOB names one attempt of one job, agreed from the launcher's environment (torchrun's run id and restart count,
-Slurm's job, step and requeue count, or `CAPFILT_JOB_ID`), else drawn by rank 0 and broadcast once. A restarted
-job is a new attempt, so the claims of a dead one block nothing: it redoes exactly the shards without a stats
-file.
+Slurm's job, step and requeue count, or `CAPFILT_JOB_ID`), else drawn by rank 0 and read by the others from the
+launcher's store, once per run. A restarted job is a new attempt, so the claims of a dead one block nothing: it
+redoes exactly the shards without a stats file.
 """
 
 from __future__ import annotations

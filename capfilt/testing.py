@@ -22,10 +22,14 @@ WORDS = (
 WORDS += sorted({w for phrase in [*COLOURS, *SHAPES, *POSITIONS.values()] for w in phrase.split()} - set(WORDS))
 
 
-def _bert_tokenizer():
+def _bert_tokenizer(vocab_size: int | None = None):
+    """`vocab_size` pads the word list with unused tokens, e.g. to BLIP's 30,524, so the output layer costs what
+    the real one does."""
     from transformers import BertTokenizer
 
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    words += [f"[unused{i}]" for i in range((vocab_size or 0) - 2 - len(words))]
+    vocab = {w: i for i, w in enumerate(words)}
     # BLIP's tokenizer: BERT's plus [DEC] (bos) and [ENC], in that order.
     return BertTokenizer(vocab=vocab, bos_token="[DEC]", additional_special_tokens=["[ENC]"])
 
@@ -96,23 +100,25 @@ def _save(model, tokenizer, path: Path, processor_cls, **processor_kwargs) -> st
 
 
 def build_tiny_models(root: Path, hidden: int = 32, layers: int = 2, image_size: int = 32, patch: int = 8,
-                      seed: int = 0) -> dict[str, str]:
+                      seed: int = 0, vocab_size: int | None = None, blip2: bool = True) -> dict[str, str]:
     """Save four random checkpoints under `root`; returns their paths by role:
-    blip_captioner, blip_itm (BLIP), blip2_captioner (tiny OPT as the LLM), blip2_itm."""
+    blip_captioner, blip_itm (BLIP), blip2_captioner (tiny OPT as the LLM), blip2_itm (without `blip2`: BLIP's
+    two only)."""
     from transformers import (Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Processor,
                               BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor)
 
     root = Path(root)
     torch.manual_seed(seed)
     size = dict(hidden=hidden, layers=layers, image_size=image_size, patch=patch)
-    bert, llm = _bert_tokenizer(), _llm_tokenizer()
+    bert, llm = _bert_tokenizer(vocab_size), _llm_tokenizer()
     blip = _blip_config(bert, **size)
     paths = {
         "blip_captioner": _save(BlipForConditionalGeneration(blip), bert, root / "blip_cap", BlipProcessor),
         "blip_itm": _save(BlipForImageTextRetrieval(blip), bert, root / "blip_itm", BlipProcessor),
     }
-    blip2 = _blip2_config(bert, llm, **size)
-    paths["blip2_captioner"] = _save(Blip2ForConditionalGeneration(blip2), llm, root / "blip2_cap", Blip2Processor,
+    if not blip2:
+        return paths
+    paths["blip2_captioner"] = _save(Blip2ForConditionalGeneration(_blip2_config(bert, llm, **size)), llm, root / "blip2_cap", Blip2Processor,
                                      num_query_tokens=4)
     itm = Blip2ForImageTextRetrieval(_blip2_config(bert, text_input=True, **size))
     with torch.no_grad():  # a zero-initialised ITM head would score everything 0.5 exactly
