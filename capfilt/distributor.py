@@ -83,7 +83,8 @@ def _agree_on_new_id(me: Rank) -> str:
         dist.broadcast_object_list(box, src=0)
         return box[0]
     store, _, _ = next(dist.rendezvous("env://", rank=me.rank, world_size=me.world_size))
-    key = f"capfilt/job-id/{_agreed}"
+    # torchrun's store may outlive a restart of the processes, whose count then starts again at 0
+    key = f"capfilt/job-id/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_agreed}"
     _agreed += 1
     if me.rank == 0:
         store.set(key, drawn)
