@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -102,3 +103,60 @@ def load_image_transform(name: str, image_size: int) -> ImageTransform:
     except (OSError, ValueError, TypeError):
         pass
     return ImageTransform(BlipImageProcessorPil(size={"height": image_size, "width": image_size}))
+
+
+# Config entries that say where a tower came from, not what it computes.
+_PROVENANCE = ("_name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version", "_attn_implementation")
+
+
+def share_vision_tower(first: PreTrainedModel, second: PreTrainedModel) -> bool:
+    """When two models carry the same frozen vision tower (equal weights and settings: BLIP-2's stage-1 filter
+    and stage-2 captioner, capfilt's own pair), hand the second the first's, which returns its previous output
+    when called again with an equal input. The tower then runs once per batch for both, and is held in memory
+    once. Returns whether the towers were the same."""
+    tower, other = first.vision_model, second.vision_model
+    if tower is other:
+        return True
+    if type(tower) is not type(other) or _settings(tower) != _settings(other):
+        return False
+    mine, theirs = tower.state_dict(), other.state_dict()
+    if mine.keys() != theirs.keys() or not all(_equal(mine[k], theirs[k]) for k in mine):
+        return False
+    tower.forward = _repeat_last(tower.forward)
+    second.vision_model = tower
+    return True
+
+
+def _settings(tower: PreTrainedModel) -> dict:
+    config = getattr(tower, "config", None)
+    return {} if config is None else {k: v for k, v in config.to_dict().items() if k not in _PROVENANCE}
+
+
+def _repeat_last(forward):
+    parameters = inspect.signature(forward).parameters
+    defaults = {k: p.default for k, p in parameters.items() if p.default is not inspect.Parameter.empty}
+    last = None
+
+    def forward_once(*args, **kwargs):
+        nonlocal last
+        # HF's generate passes pixel_values by position and spells out defaults; the scorer does neither.
+        call = {**defaults, **dict(zip(parameters, args)), **kwargs}
+        call.pop("return_dict", None)  # towers answer with a ModelOutput either way, read by key or index alike
+        if last is not None and _equal(last[0], call):
+            return last[1]
+        output = forward(*args, **kwargs)
+        last = (call, output)
+        return output
+
+    return forward_once
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b

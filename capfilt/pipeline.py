@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from capfilt import reader
 from capfilt.captioner import Captioner
+from capfilt.checkpoint import share_vision_tower
 from capfilt.distributor import Claims, current_rank, job_id
 from capfilt.errors import CapfiltError
 from capfilt.reader import Batch, Sample, ShardEnd, ShardStream
@@ -98,6 +99,8 @@ def run(
         return summary
 
     transforms, captioner_key, scorer_key = shared_transforms(captioner, scorer)
+    if captioner is not None and scorer is not None and captioner_key == scorer_key:
+        share_vision_tower(captioner.model, scorer.model)  # same frozen tower: run it once per batch
     claims = Claims(out, job)
     stream = ShardStream(todo, transforms, config.batch_size, retries=config.retries, claim=claims)
     device = (captioner or scorer).device

@@ -302,3 +302,41 @@ def test_a_batch_out_of_gpu_memory_is_retried_in_halves(shards, tmp_path, stages
     halvings = sum(read_json(p)["oom_halvings"] for p in (tmp_path / "small").glob("*_stats.json"))
     assert halvings == 1  # the limit, once halved, holds for the rest of the run
     assert "OOM halvings" in cli("stats", tmp_path / "small").output
+
+
+def test_captioner_and_filter_on_one_frozen_tower_run_it_once_per_batch(shards, tmp_path, tiny_models,
+                                                                        monkeypatch):
+    """BLIP-2's stage-1 filter and stage-2 captioner (and capfilt's own pair) carry the same frozen tower: it
+    runs once per batch for both, and the output is byte for byte what two separate towers give."""
+    from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
+
+    same_tower = tmp_path / "itm-same-tower"
+    itm = Blip2ForImageTextRetrieval.from_pretrained(tiny_models["blip2_itm"])
+    itm.vision_model.load_state_dict(
+        Blip2ForConditionalGeneration.from_pretrained(tiny_models["blip2_captioner"]).vision_model.state_dict())
+    itm.save_pretrained(same_tower)
+    for path in Path(tiny_models["blip2_itm"]).iterdir():  # its tokenizer and processor
+        if not (same_tower / path.name).exists():
+            (same_tower / path.name).write_bytes(path.read_bytes())
+
+    def bootstrap(out, filter_model):
+        captioner = Captioner(CaptionerConfig(model=tiny_models["blip2_captioner"], num_captions=2))
+        scorer = Scorer(ScorerConfig(model=filter_model))
+        passes = []
+        for model in (captioner.model, scorer.model):  # counts the tower's real work, not calls answered again
+            model.vision_model.embeddings.register_forward_hook(lambda *_: passes.append(1))
+        summary = run(RunConfig(specs=(str(shards),), out=str(out), batch_size=3, workers=0, progress=False),
+                      captioner=captioner, scorer=scorer)
+        return summary, len(passes), scorer.model.vision_model is captioner.model.vision_model
+
+    shared, shared_passes, is_shared = bootstrap(tmp_path / "shared", str(same_tower))
+    assert is_shared
+    other, other_passes, is_shared = bootstrap(tmp_path / "other", tiny_models["blip2_itm"])
+    assert not is_shared and other_passes == 2 * shared_passes > 0  # different towers: both run
+    monkeypatch.setattr(pipeline, "share_vision_tower", lambda *models: False)
+    separate, separate_passes, is_shared = bootstrap(tmp_path / "separate", str(same_tower))
+    assert not is_shared and separate_passes == 2 * shared_passes
+    assert separate.written == shared.written
+    for path in sorted((tmp_path / "separate").glob("*.*")):
+        if path.suffix in (".tar", ".parquet"):
+            assert path.read_bytes() == (tmp_path / "shared" / path.name).read_bytes(), path.name
