@@ -1,6 +1,7 @@
 """How fast is `bootstrap`, against its own models, a naive BLIP loop, one process, and in memory?
 
-Four measurements, on the same corpus (copies of the demo shards) and the same random models, one row per size:
+Five measurements (the fifth, tower, on request), on the same corpus (copies of the demo shards) and the same random
+models, one row per size and batch size:
 
 ratio   End-to-end `bootstrap` (read tars, decode and preprocess in `--workers` DataLoader workers, caption,
         score, select, write shards; models built beforehand, not timed) against the compute alone: the same
@@ -28,6 +29,10 @@ rss     Peak resident memory of an end-to-end `bootstrap` in a fresh process (`-
     python bench/bootstrap.py --size base --copies 8 --workers 2 --batch-size 16 --parts ratio,naive
     python bench/bootstrap.py --size blip-base --dtype bf16 --batch-size 16,32,64,128 --copies 16 --workers 8 \
         --parts ratio,naive                       # on a GPU: images/s, GPU memory, ratio per batch size
+
+tower   BLIP-2's pair on one frozen tower (a captioner, and a filter given the captioner's tower weights, as
+        BLIP-2's stage-1 filter and stage-2 captioner are): compute-only img/s with the tower shared (once per
+        batch, as `bootstrap` does) against two separate copies of it. Not in the default parts.
 
 Models are random (`capfilt.testing`), so the numbers measure throughput only; `base` is a size where compute
 matters (hidden 256, 4 layers, 224 px), `tiny` one where I/O dominates, `blip-base` has BLIP-base's shapes
@@ -64,7 +69,7 @@ SIZES = {"tiny": dict(hidden=32, layers=2, image_size=32, patch=8),
          "base": dict(hidden=256, layers=4, image_size=224, patch=16),
          # BLIP-base (Salesforce/blip-image-captioning-base, blip-itm-base-coco): ViT-B/16 at 384 px, BERT-base.
          "blip-base": dict(hidden=768, layers=12, image_size=384, patch=16, vocab_size=30524)}
-PARTS = ("ratio", "naive", "procs", "rss")
+PARTS = ("ratio", "naive", "procs", "rss", "tower")
 RSS_SCALE = 10
 DEMO = Path(__file__).resolve().parents[1] / "shards"
 
@@ -187,6 +192,8 @@ def bench(size: str, args, parts: set[str]) -> list[dict]:
             print(f"{size}: {samples} images, workers 0, 1 process {one_s:.1f} s wall (run loop {one_loop_s:.1f} s), "
                   f"2 processes {two_s:.1f} s wall (slowest run loop {two_loop_s:.1f} s): "
                   f"{one_loop_s / two_loop_s:.2f}x without start-up", flush=True)
+        if "tower" in parts:
+            shared_tower(row, corpus, root, args)
         if "rss" in parts:
             row["rss1"] = peak_rss_mib(corpus, root, models, args)
             row["rss10"] = peak_rss_mib(make_corpus(root, RSS_SCALE * args.copies), root, models, args)
@@ -196,6 +203,37 @@ def bench(size: str, args, parts: set[str]) -> list[dict]:
         return rows
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def shared_tower(row: dict, corpus: Path, root: Path, args) -> None:
+    from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
+
+    from capfilt.checkpoint import share_vision_tower
+
+    models = build_tiny_models(root / "blip2", **SIZES[row["size"]])
+    same = root / "blip2" / "itm-same-tower"  # the filter, given the captioner's tower
+    itm = Blip2ForImageTextRetrieval.from_pretrained(models["blip2_itm"])
+    itm.vision_model.load_state_dict(
+        Blip2ForConditionalGeneration.from_pretrained(models["blip2_captioner"]).vision_model.state_dict())
+    itm.save_pretrained(same)
+    for path in Path(models["blip2_itm"]).iterdir():  # its tokenizer and processor
+        if not (same / path.name).exists():
+            shutil.copy(path, same / path.name)
+    speeds = {}
+    for shared in (False, True):
+        captioner = Captioner(CaptionerConfig(model=models["blip2_captioner"], num_captions=args.num_captions,
+                                              device=args.device, dtype=args.dtype))
+        scorer = Scorer(ScorerConfig(model=str(same), device=args.device, dtype=args.dtype))
+        if shared:
+            assert share_vision_tower(captioner.model, scorer.model)
+        transforms, *keys = shared_transforms(captioner, scorer)
+        batches = [b for b in ShardStream(expand_specs([str(corpus)]), transforms, row["batch"])
+                   if isinstance(b, Batch)]
+        compute_only(batches[:1], captioner, scorer, keys)  # warm-up
+        speeds[shared] = sum(len(b.samples) for b in batches) / compute_only(batches, captioner, scorer, keys)
+    row.update(tower_separate=speeds[False], tower_shared=speeds[True])
+    print(f"{row['size']}: BLIP-2 pair, compute-only {speeds[False]:.1f} img/s with two towers, "
+          f"{speeds[True]:.1f} img/s with one shared: {speeds[True] / speeds[False]:.2f}x", flush=True)
 
 
 def ratio_and_naive(row: dict, corpus: Path, root: Path, models: dict, captioner: Captioner, scorer: Scorer, args,
@@ -237,7 +275,9 @@ def table(rows: list[dict]) -> str:
                ("procs images", "procs_images", "{}", None), ("1 proc img/s", "proc1", "{:.1f}", None), ("2 procs img/s", "proc2", "{:.1f}", None),
                ("speed-up (>= 1.8x)", "speedup", "{:.2f}x", lambda x: x >= 1.8),
                ("RSS 1x MiB", "rss1", "{:.0f}", None), (f"RSS {RSS_SCALE}x MiB", "rss10", "{:.0f}", None),
-               (f"{RSS_SCALE}x / 1x (<= 1.1)", "rss_ratio", "{:.2f}", lambda x: x <= 1.1)]
+               (f"{RSS_SCALE}x / 1x (<= 1.1)", "rss_ratio", "{:.2f}", lambda x: x <= 1.1),
+               ("BLIP-2 2 towers img/s", "tower_separate", "{:.1f}", None),
+               ("1 shared tower img/s", "tower_shared", "{:.1f}", None)]
     lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []
@@ -263,7 +303,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda when there is a GPU), cpu, cuda")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--num-captions", type=int, default=1)
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--parts", default=",".join(PARTS[:4]), help=f"comma-separated subset of {','.join(PARTS)}")
     parser.add_argument("--naive-images", type=int, default=32, help="images timed in the naive loop")
     parser.add_argument("--rss-child", nargs=4, metavar=("CORPUS", "OUT", "CAPTIONER", "ITM"), help=argparse.SUPPRESS)
     args = parser.parse_args()
