@@ -63,7 +63,7 @@ from capfilt.pipeline import RunConfig, batch_seed, run, shared_transforms
 from capfilt.reader import Batch, ShardStream, decode_image, expand_specs, read_shard
 from capfilt.scorer import Scorer, ScorerConfig, enc_token_id
 from capfilt.selection import SelectionConfig
-from capfilt.testing import build_tiny_models
+from capfilt.testing import blip2_filter_on_captioner_tower, build_tiny_models
 
 SIZES = {"tiny": dict(hidden=32, layers=2, image_size=32, patch=8),
          "base": dict(hidden=256, layers=4, image_size=224, patch=16),
@@ -206,24 +206,15 @@ def bench(size: str, args, parts: set[str]) -> list[dict]:
 
 
 def shared_tower(row: dict, corpus: Path, root: Path, args) -> None:
-    from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
-
     from capfilt.checkpoint import share_vision_tower
 
     models = build_tiny_models(root / "blip2", **SIZES[row["size"]])
-    same = root / "blip2" / "itm-same-tower"  # the filter, given the captioner's tower
-    itm = Blip2ForImageTextRetrieval.from_pretrained(models["blip2_itm"])
-    itm.vision_model.load_state_dict(
-        Blip2ForConditionalGeneration.from_pretrained(models["blip2_captioner"]).vision_model.state_dict())
-    itm.save_pretrained(same)
-    for path in Path(models["blip2_itm"]).iterdir():  # its tokenizer and processor
-        if not (same / path.name).exists():
-            shutil.copy(path, same / path.name)
+    same = blip2_filter_on_captioner_tower(models, root / "blip2" / "itm-same-tower")
     speeds = {}
     for shared in (False, True):
         captioner = Captioner(CaptionerConfig(model=models["blip2_captioner"], num_captions=args.num_captions,
                                               device=args.device, dtype=args.dtype))
-        scorer = Scorer(ScorerConfig(model=str(same), device=args.device, dtype=args.dtype))
+        scorer = Scorer(ScorerConfig(model=same, device=args.device, dtype=args.dtype))
         if shared:
             assert share_vision_tower(captioner.model, scorer.model)
         transforms, *keys = shared_transforms(captioner, scorer)

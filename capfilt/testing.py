@@ -127,6 +127,23 @@ def build_tiny_models(root: Path, hidden: int = 32, layers: int = 2, image_size:
     return paths
 
 
+def blip2_filter_on_captioner_tower(models: dict[str, str], path: Path) -> str:
+    """A copy of the BLIP-2 filter from `build_tiny_models`, given its captioner's vision tower weights, as
+    BLIP-2's stage-1 filter and stage-2 captioner share their frozen one. Returns its path."""
+    import shutil
+
+    from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
+
+    itm = Blip2ForImageTextRetrieval.from_pretrained(models["blip2_itm"])
+    tower = Blip2ForConditionalGeneration.from_pretrained(models["blip2_captioner"]).vision_model
+    itm.vision_model.load_state_dict(tower.state_dict())
+    itm.save_pretrained(path)
+    for part in Path(models["blip2_itm"]).iterdir():  # its tokenizer and processor
+        if not (Path(path) / part.name).exists():
+            shutil.copy(part, Path(path) / part.name)
+    return str(path)
+
+
 def build_tiny_qformer_parts(root: Path, hidden: int = 32, image_size: int = 32, seed: int = 0) -> dict[str, str]:
     """The pieces `capfilt pretrain` starts from, tiny and saved: a frozen BLIP-2 vision tower, the Q-Former's
     BERT-style tokenizer (with the synthetic world's words) and a causal LLM (OPT) with its tokenizer."""

@@ -14,6 +14,7 @@ from capfilt.captioner import Captioner, CaptionerConfig
 from capfilt.pipeline import RunConfig, run
 from capfilt.scorer import Scorer, ScorerConfig
 from capfilt.selection import SelectionConfig
+from capfilt.testing import blip2_filter_on_captioner_tower
 from cli import app
 
 runner = CliRunner()
@@ -308,16 +309,7 @@ def test_captioner_and_filter_on_one_frozen_tower_run_it_once_per_batch(shards, 
                                                                         monkeypatch):
     """BLIP-2's stage-1 filter and stage-2 captioner (and capfilt's own pair) carry the same frozen tower: it
     runs once per batch for both, and the output is byte for byte what two separate towers give."""
-    from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
-
-    same_tower = tmp_path / "itm-same-tower"
-    itm = Blip2ForImageTextRetrieval.from_pretrained(tiny_models["blip2_itm"])
-    itm.vision_model.load_state_dict(
-        Blip2ForConditionalGeneration.from_pretrained(tiny_models["blip2_captioner"]).vision_model.state_dict())
-    itm.save_pretrained(same_tower)
-    for path in Path(tiny_models["blip2_itm"]).iterdir():  # its tokenizer and processor
-        if not (same_tower / path.name).exists():
-            (same_tower / path.name).write_bytes(path.read_bytes())
+    same_tower = blip2_filter_on_captioner_tower(tiny_models, tmp_path / "itm-same-tower")
 
     def bootstrap(out, filter_model):
         captioner = Captioner(CaptionerConfig(model=tiny_models["blip2_captioner"], num_captions=2))
@@ -329,12 +321,12 @@ def test_captioner_and_filter_on_one_frozen_tower_run_it_once_per_batch(shards, 
                       captioner=captioner, scorer=scorer)
         return summary, len(passes), scorer.model.vision_model is captioner.model.vision_model
 
-    shared, shared_passes, is_shared = bootstrap(tmp_path / "shared", str(same_tower))
+    shared, shared_passes, is_shared = bootstrap(tmp_path / "shared", same_tower)
     assert is_shared
     other, other_passes, is_shared = bootstrap(tmp_path / "other", tiny_models["blip2_itm"])
     assert not is_shared and other_passes == 2 * shared_passes > 0  # different towers: both run
     monkeypatch.setattr(pipeline, "share_vision_tower", lambda *models: False)
-    separate, separate_passes, is_shared = bootstrap(tmp_path / "separate", str(same_tower))
+    separate, separate_passes, is_shared = bootstrap(tmp_path / "separate", same_tower)
     assert not is_shared and separate_passes == 2 * shared_passes
     assert separate.written == shared.written
     for path in sorted((tmp_path / "separate").glob("*.*")):
