@@ -328,7 +328,6 @@ def test_captioner_and_filter_on_one_frozen_tower_run_it_once_per_batch(shards, 
     monkeypatch.setattr(pipeline, "share_vision_tower", lambda *models: False)
     separate, separate_passes, is_shared = bootstrap(tmp_path / "separate", same_tower)
     assert not is_shared and separate_passes == 2 * shared_passes
-    assert separate.written == shared.written
-    for path in sorted((tmp_path / "separate").glob("*.*")):
-        if path.suffix in (".tar", ".parquet"):
-            assert path.read_bytes() == (tmp_path / "shared" / path.name).read_bytes(), path.name
+    assert separate.written == shared.written > 0
+    assert _outputs(tmp_path / "separate") == _outputs(tmp_path / "shared")
+    assert _counts(tmp_path / "separate") == _counts(tmp_path / "shared")
