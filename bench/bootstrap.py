@@ -43,6 +43,7 @@ matters (hidden 256, 4 layers, 224 px), `tiny` one where I/O dominates, `blip-ba
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -58,6 +59,7 @@ import torch
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor
 
 from capfilt.captioner import Captioner, CaptionerConfig
+from capfilt.checkpoint import one_tower_pass, same_vision_tower
 from capfilt.distributor import run_job
 from capfilt.pipeline import RunConfig, batch_seed, run, shared_transforms
 from capfilt.reader import Batch, ShardStream, decode_image, expand_specs, read_shard
@@ -94,12 +96,13 @@ def model_configs(models: dict, args) -> tuple[CaptionerConfig, ScorerConfig]:
             ScorerConfig(model=models["blip_itm"], device=args.device, dtype=args.dtype))
 
 
-def compute_only(batches: list[Batch], captioner: Captioner, scorer: Scorer, keys) -> float:
+def compute_only(batches: list[Batch], captioner: Captioner, scorer: Scorer, keys, one_tower: bool = False) -> float:
     start = time.perf_counter()
     for batch in batches:
         good = [s for s in batch.samples if s.error is None]
-        captions = captioner(batch.pixels[keys[0]], seed=batch_seed(0, batch.shard, batch.index))
-        scorer(batch.pixels[keys[1]], [[s.web_caption, *c] for s, c in zip(good, captions)])
+        with one_tower_pass(captioner.model, scorer.model) if one_tower else contextlib.nullcontext():
+            captions = captioner(batch.pixels[keys[0]], seed=batch_seed(0, batch.shard, batch.index))
+            scorer(batch.pixels[keys[1]], [[s.web_caption, *c] for s, c in zip(good, captions)])
     return time.perf_counter() - start
 
 
@@ -206,8 +209,6 @@ def bench(size: str, args, parts: set[str]) -> list[dict]:
 
 
 def shared_tower(row: dict, corpus: Path, root: Path, args) -> None:
-    from capfilt.checkpoint import share_vision_tower
-
     models = build_tiny_models(root / "blip2", **SIZES[row["size"]])
     same = blip2_filter_on_captioner_tower(models, root / "blip2" / "itm-same-tower")
     speeds = {}
@@ -215,13 +216,12 @@ def shared_tower(row: dict, corpus: Path, root: Path, args) -> None:
         captioner = Captioner(CaptionerConfig(model=models["blip2_captioner"], num_captions=args.num_captions,
                                               device=args.device, dtype=args.dtype))
         scorer = Scorer(ScorerConfig(model=same, device=args.device, dtype=args.dtype))
-        if shared:
-            assert share_vision_tower(captioner.model, scorer.model)
+        assert same_vision_tower(captioner.model, scorer.model)
         transforms, *keys = shared_transforms(captioner, scorer)
         batches = [b for b in ShardStream(expand_specs([str(corpus)]), transforms, row["batch"])
                    if isinstance(b, Batch)]
-        compute_only(batches[:1], captioner, scorer, keys)  # warm-up
-        speeds[shared] = sum(len(b.samples) for b in batches) / compute_only(batches, captioner, scorer, keys)
+        compute_only(batches[:1], captioner, scorer, keys, shared)  # warm-up
+        speeds[shared] = sum(len(b.samples) for b in batches) / compute_only(batches, captioner, scorer, keys, shared)
     row.update(tower_separate=speeds[False], tower_shared=speeds[True])
     print(f"{row['size']}: BLIP-2 pair, compute-only {speeds[False]:.1f} img/s with two towers, "
           f"{speeds[True]:.1f} img/s with one shared: {speeds[True] / speeds[False]:.2f}x", flush=True)
@@ -263,7 +263,8 @@ def table(rows: list[dict]) -> str:
                ("ratio (>= 0.9)", "ratio", "{:.2f}", lambda x: x >= 0.9), ("GPU GiB", "gpu_gib", "{:.1f}", None),
                ("naive img/s", "naive", "{:.1f}", None),
                ("vs naive (>= 3x)", "vs_naive", "{:.1f}x", lambda x: x >= 3),
-               ("procs images", "procs_images", "{}", None), ("1 proc img/s", "proc1", "{:.1f}", None), ("2 procs img/s", "proc2", "{:.1f}", None),
+               ("procs images", "procs_images", "{}", None), ("1 proc img/s", "proc1", "{:.1f}", None),
+               ("2 procs img/s", "proc2", "{:.1f}", None),
                ("speed-up (>= 1.8x)", "speedup", "{:.2f}x", lambda x: x >= 1.8),
                ("RSS 1x MiB", "rss1", "{:.0f}", None), (f"RSS {RSS_SCALE}x MiB", "rss10", "{:.0f}", None),
                (f"{RSS_SCALE}x / 1x (<= 1.1)", "rss_ratio", "{:.2f}", lambda x: x <= 1.1),

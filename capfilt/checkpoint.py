@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from dataclasses import dataclass
@@ -109,22 +110,31 @@ def load_image_transform(name: str, image_size: int) -> ImageTransform:
 _PROVENANCE = ("_name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version", "_attn_implementation")
 
 
-def share_vision_tower(first: PreTrainedModel, second: PreTrainedModel) -> bool:
-    """When two models carry the same frozen vision tower (equal weights and settings: BLIP-2's stage-1 filter
-    and stage-2 captioner, capfilt's own pair), hand the second the first's, which returns its previous output
-    when called again with an equal input. The tower then runs once per batch for both, and is held in memory
-    once. Returns whether the towers were the same."""
+def same_vision_tower(first: PreTrainedModel, second: PreTrainedModel) -> bool:
+    """Whether two models carry the same vision tower: class, settings and weights (dtype and device too) equal,
+    as BLIP-2's stage-1 filter and stage-2 captioner (and capfilt's own pair) share their frozen one."""
     tower, other = first.vision_model, second.vision_model
     if tower is other:
         return True
     if type(tower) is not type(other) or _settings(tower) != _settings(other):
         return False
     mine, theirs = tower.state_dict(), other.state_dict()
-    if mine.keys() != theirs.keys() or not all(_equal(mine[k], theirs[k]) for k in mine):
-        return False
-    tower.forward = _repeat_last(tower.forward)
+    return mine.keys() == theirs.keys() and all(_equal(mine[k], theirs[k]) for k in mine)
+
+
+@contextlib.contextmanager
+def one_tower_pass(first: PreTrainedModel, second: PreTrainedModel):
+    """Within: `second` uses `first`'s vision tower (they must be the `same_vision_tower`), which answers a call
+    equal to its previous one with the previous output, so the pair runs it once. Restored on exit, so nothing
+    outlives the scope: not the wrapper, not the cached tensors."""
+    tower, own = first.vision_model, second.vision_model
+    tower.forward = _repeat_last(tower.forward)  # an instance attribute, over the class's method
     second.vision_model = tower
-    return True
+    try:
+        yield
+    finally:
+        del tower.forward
+        second.vision_model = own
 
 
 def _settings(tower: PreTrainedModel) -> dict:
@@ -140,8 +150,8 @@ def _repeat_last(forward):
     def forward_once(*args, **kwargs):
         nonlocal last
         # HF's generate passes pixel_values by position and spells out defaults; the scorer does neither.
-        call = {**defaults, **dict(zip(parameters, args)), **kwargs}
-        call.pop("return_dict", None)  # towers answer with a ModelOutput either way, read by key or index alike
+        call = {**defaults, **dict(zip(parameters, args)), **kwargs,
+                "_modes": (torch.is_grad_enabled(), torch.is_inference_mode_enabled())}
         if last is not None and _equal(last[0], call):
             return last[1]
         output = forward(*args, **kwargs)

@@ -67,6 +67,7 @@ def job_id(me: Rank) -> str:
 
 
 _agreed = 0  # ids this process has agreed on: every rank's n-th run uses the n-th key
+_store = None  # kept for the process's life: when rank 0 serves it, a peer's next agreement must find it up
 
 
 def _agree_on_new_id(me: Rank) -> str:
@@ -74,7 +75,7 @@ def _agree_on_new_id(me: Rank) -> str:
     the launcher's store at MASTER_ADDR:MASTER_PORT (torchrun's agent store, or one rank 0 serves). No process
     group is made, so none is left for a later `init_process_group` to trip over, and a second run agrees anew
     (a default group initialised again on torchrun's store meets the first one's keys, and can hang)."""
-    global _agreed
+    global _agreed, _store
     import torch.distributed as dist
 
     drawn = uuid.uuid4().hex
@@ -82,13 +83,15 @@ def _agree_on_new_id(me: Rank) -> str:
         box = [drawn]
         dist.broadcast_object_list(box, src=0)
         return box[0]
-    store, _, _ = next(dist.rendezvous("env://", rank=me.rank, world_size=me.world_size))
+    if _store is None:
+        _store, _, _ = next(dist.rendezvous("env://", rank=me.rank, world_size=me.world_size))
+    store = _store
     # torchrun's store may outlive a restart of the processes, whose count then starts again at 0
     key = f"capfilt/job-id/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_agreed}"
     _agreed += 1
     if me.rank == 0:
         store.set(key, drawn)
-        store.wait([f"{key}/read/{r}" for r in range(1, me.world_size)])  # it may serve the store: up until all read
+        store.wait([f"{key}/read/{r}" for r in range(1, me.world_size)])  # all have it before anyone goes on
         return drawn
     drawn = store.get(key).decode()  # waits for rank 0
     store.set(f"{key}/read/{me.rank}", "")
@@ -107,7 +110,7 @@ class Claims:
         self.out, self.dir = Path(out), Path(out) / CLAIMS / job
 
     def __call__(self, name: str) -> bool:
-        while True:
+        for attempt in range(100):
             self.dir.mkdir(parents=True, exist_ok=True)
             try:
                 fd = os.open(self.dir / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -116,6 +119,8 @@ class Claims:
                 return False
             except FileNotFoundError:  # a process that finished removed the emptied directory meanwhile: remake it
                 continue
+        else:
+            raise CapfiltError(f"cannot create a claim in {self.dir}: it keeps disappearing")
         with os.fdopen(fd, "w") as f:
             json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}, f)
         if stats_path(self.out, name).exists():  # finished by this job after our listing: its claim had already been dropped

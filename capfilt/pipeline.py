@@ -7,6 +7,7 @@ writers, and keeps the per-shard books.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from capfilt import reader
 from capfilt.captioner import Captioner
-from capfilt.checkpoint import share_vision_tower
+from capfilt.checkpoint import one_tower_pass, same_vision_tower
 from capfilt.distributor import Claims, current_rank, job_id
 from capfilt.errors import CapfiltError
 from capfilt.reader import Batch, Sample, ShardEnd, ShardStream
@@ -89,18 +90,18 @@ def run(
     urls = reader.expand_specs(config.specs)
     out = Path(config.out)
     me = current_rank()
+    job = job_id(me)  # first: agreeing on it may need every process, so none may fail or return before
     if config.overwrite and me.world_size > 1:
         raise CapfiltError("--overwrite with several processes: clear the output directory first, then run")
     prepare_output(out, _settings(config, captioner, scorer, selection), config.overwrite)
-    job = job_id(me)  # before anyone can return early: agreeing on it may need every process
     todo = [u for u in urls if not stats_path(out, reader.shard_name(u)).exists()]
     summary = RunSummary(out=str(out), shards_total=len(urls), shards_skipped=len(urls) - len(todo))
     if not todo:
         return summary
 
     transforms, captioner_key, scorer_key = shared_transforms(captioner, scorer)
-    if captioner is not None and scorer is not None and captioner_key == scorer_key:
-        share_vision_tower(captioner.model, scorer.model)  # same frozen tower: run it once per batch
+    one_tower = (captioner is not None and scorer is not None and captioner_key == scorer_key
+                 and same_vision_tower(captioner.model, scorer.model))
     claims = Claims(out, job)
     stream = ShardStream(todo, transforms, config.batch_size, retries=config.retries, claim=claims)
     device = (captioner or scorer).device
@@ -125,7 +126,9 @@ def run(
             shard = open_shards.get(item.shard)
             if shard is None:
                 shard = open_shards[item.shard] = _OpenShard(ShardWriter(out, item.shard))
-            _process(item, shard.writer, captioner, scorer, selection, config, captioner_key, scorer_key, fit)
+            # Captioner and filter on the same frozen tower: it runs once for the batch (bytes unchanged).
+            with one_tower_pass(captioner.model, scorer.model) if one_tower else contextlib.nullcontext():
+                _process(item, shard.writer, captioner, scorer, selection, config, captioner_key, scorer_key, fit)
             view.update(open_shards.values())
     finally:
         for shard in open_shards.values():  # interrupted: leave no half-written shard behind
@@ -255,9 +258,10 @@ def _process(
             good.append(sample)
 
     rows = [s.pixel_row for s in good]
+    all_rows = len(good) == len(next(iter(batch.pixels.values()), ()))  # else index, a copy (drops the pinning)
     new_captions: list[list[str]] = [[] for _ in good]
     if captioner is not None and good:
-        pixels = batch.pixels[captioner_key][rows]
+        pixels = batch.pixels[captioner_key] if all_rows else batch.pixels[captioner_key][rows]
         seed = None if config.seed is None else batch_seed(config.seed, batch.shard, batch.index)
         new_captions = fit(lambda a, b: captioner(pixels[a:b], seed=None if seed is None else seed + a), len(good))
         if config.clean_text:
@@ -265,7 +269,8 @@ def _process(
         stats.synthetic_generated += sum(len(c) for c in new_captions)
     candidates = [unique_candidates(s.web_caption, s.synthetic + new) for s, new in zip(good, new_captions)]
     if scorer is not None and good:
-        pixels, texts = batch.pixels[scorer_key][rows], [[c.caption for c in cands] for cands in candidates]
+        pixels = batch.pixels[scorer_key] if all_rows else batch.pixels[scorer_key][rows]
+        texts = [[c.caption for c in cands] for cands in candidates]
         scores = fit(lambda a, b: scorer(pixels[a:b], texts[a:b]), len(good))
         for cands, row in zip(candidates, scores):
             for c, score in zip(cands, row):

@@ -83,7 +83,9 @@ class Scorer:
         if self.is_capfilt:
             image_embeds = self.model.encode_image(pixel_values)  # (B, N, D), through its trained LayerNorm
         else:
-            image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state  # (B, N, D)
+            # Called as the captioner's generate calls it, so a tower shared with it answers from its last call.
+            kwargs = {"return_dict": True} if self.is_blip2 else {}
+            image_embeds = self.model.vision_model(pixel_values, **kwargs).last_hidden_state  # (B, N, D)
         image_embeds = image_embeds.index_select(0, owner)  # (T, N, D): one row per caption, no ViT rerun
         tokens = self.tokenizer(
             flat, padding="longest", truncation=True, max_length=self.max_text_length, return_tensors="pt"

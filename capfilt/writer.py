@@ -62,16 +62,18 @@ def prepare_output(out: Path, settings: dict[str, Any], overwrite: bool) -> None
                 path.unlink()
             elif path.name == CLAIMS:
                 shutil.rmtree(path, ignore_errors=True)
-    elif manifest.exists():
-        previous = json.loads(manifest.read_text()).get("settings", {})
-        changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-        if changed:
-            raise CapfiltError(
-                f"{out} holds a run with other settings ({', '.join(changed)}): use --overwrite or another --out"
-            )
-        return
-    elif any(p.name != CLAIMS and not p.name.endswith(TMP_SUFFIX) for p in out.iterdir()):
-        raise CapfiltError(f"{out} is not empty and holds no capfilt run: use --overwrite or another --out")
+    else:
+        others = [p for p in out.iterdir() if p.name != CLAIMS and not p.name.endswith(TMP_SUFFIX)]
+        if manifest.exists():  # also when another process of the job wrote it since this one looked
+            previous = json.loads(manifest.read_text()).get("settings", {})
+            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+            if changed:
+                raise CapfiltError(
+                    f"{out} holds a run with other settings ({', '.join(changed)}): use --overwrite or another --out"
+                )
+            return
+        if others:
+            raise CapfiltError(f"{out} is not empty and holds no capfilt run: use --overwrite or another --out")
     # Every process of a job may get here at once; each writes the same bytes through its own temporary file.
     _atomic_write(manifest, json.dumps({"settings": settings}, indent=2).encode(), unique=True)
 

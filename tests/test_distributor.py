@@ -3,6 +3,7 @@ writes, and a job whose process was killed finishes, on restart, to the same byt
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -65,6 +66,26 @@ def test_a_claim_survives_a_finished_peer_removing_the_job_directory(tmp_path, m
 
     monkeypatch.setattr(os, "open", open_after_peer_closed)
     assert claims("part-00000") and removed and (tmp_path / ".claims" / "job-1" / "part-00000").exists()
+
+
+def test_a_rank_that_meets_a_peers_fresh_manifest_joins_the_run(tmp_path, monkeypatch):
+    """Ranks start together on an empty --out: one writes the manifest while another is looking at the directory.
+    The late one must join the run, not call the directory foreign."""
+    from capfilt.writer import MANIFEST, prepare_output
+
+    out, settings, real_iterdir = tmp_path / "out", {"batch_size": 3}, Path.iterdir
+
+    def listing_then_peer_writes(self):
+        listing = list(real_iterdir(self))
+        if self == out and not (out / MANIFEST).exists():
+            (out / MANIFEST).write_text(json.dumps({"settings": settings}))  # the peer, just after our look
+        return iter(listing + [out / MANIFEST])
+
+    monkeypatch.setattr(Path, "iterdir", listing_then_peer_writes)
+    prepare_output(out, settings, overwrite=False)
+    monkeypatch.setattr(Path, "iterdir", real_iterdir)
+    with pytest.raises(CapfiltError, match="other settings"):
+        prepare_output(out, {"batch_size": 4}, overwrite=False)
 
 
 def test_job_id_comes_from_the_launcher(monkeypatch):
@@ -144,7 +165,8 @@ def test_torchrun_without_a_run_id_agrees_on_one_job(shards, tmp_path, tiny_mode
     agree on a job id through the launcher's store, split the shards and exit (no hang on a second agreement)."""
     reference = tmp_path / "reference"
     assert CliRunner().invoke(app, _args(shards, reference, tiny_models)).exit_code == 0
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID")}
+    launcher_vars = ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "CAPFILT_JOB_ID", "SLURM_JOB_ID")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                 "--master-port", str(_free_port())]
     job = subprocess.run([*launcher, str(REPO / "cli.py"), *_args(shards, tmp_path / "out", tiny_models)],
