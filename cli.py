@@ -87,7 +87,7 @@ def _user_errors():
         raise typer.Exit(130) from None
 
 
-def _captioner(model, sampling, num_captions, top_p, num_beams, max_length, min_length, prompt, device, dtype):
+def _captioner_config(model, sampling, num_captions, top_p, num_beams, max_length, min_length, prompt, device, dtype):
     from capfilt.captioner import CaptionerConfig
 
     return CaptionerConfig(model=model, sampling=sampling, num_captions=num_captions, top_p=top_p,
@@ -95,7 +95,7 @@ def _captioner(model, sampling, num_captions, top_p, num_beams, max_length, min_
                            device=device, dtype=dtype)
 
 
-def _scorer(model, device, dtype):
+def _scorer_config(model, device, dtype):
     from capfilt.scorer import ScorerConfig
 
     return ScorerConfig(model=model, device=device, dtype=dtype)
@@ -132,9 +132,9 @@ def caption(
 ):
     """Add synthetic captions to every sample (no filtering); `capfilt filter` can score them later."""
     with _user_errors():
-        model = _captioner(captioner, sampling, num_captions, top_p, num_beams, max_length, min_length, prompt,
-                           device, dtype)
-        _run(specs, out, overwrite, batch_size, workers, seed, clean_text, retries, quiet, processes, captioner=model)
+        config = _captioner_config(captioner, sampling, num_captions, top_p, num_beams, max_length, min_length,
+                                   prompt, device, dtype)
+        _run(specs, out, overwrite, batch_size, workers, seed, clean_text, retries, quiet, processes, captioner=config)
 
 
 @app.command("filter")
@@ -150,8 +150,8 @@ def filter_(
 
     with _user_errors():
         selection = SelectionConfig(policy=policy, threshold=threshold, keep_top=keep_top)
-        model = _scorer(filter, device, dtype)
-        _run(specs, out, overwrite, batch_size, workers, None, clean_text, retries, quiet, processes, scorer=model,
+        config = _scorer_config(filter, device, dtype)
+        _run(specs, out, overwrite, batch_size, workers, None, clean_text, retries, quiet, processes, scorer=config,
              selection=selection)
 
 
@@ -170,9 +170,9 @@ def bootstrap(
 
     with _user_errors():
         selection = SelectionConfig(policy=policy, threshold=threshold, keep_top=keep_top)
-        cap = _captioner(captioner, sampling, num_captions, top_p, num_beams, max_length, min_length, prompt,
-                         device, dtype)
-        scorer = _scorer(filter, device, dtype)
+        cap = _captioner_config(captioner, sampling, num_captions, top_p, num_beams, max_length, min_length,
+                                prompt, device, dtype)
+        scorer = _scorer_config(filter, device, dtype)
         _run(specs, out, overwrite, batch_size, workers, seed, clean_text, retries, quiet, processes, captioner=cap,
              scorer=scorer, selection=selection)
 

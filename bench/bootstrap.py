@@ -85,7 +85,7 @@ def make_corpus(root: Path, copies: int) -> Path:
     return corpus
 
 
-def run_config(corpus: Path, root: Path, args, workers: int, batch_size: int) -> RunConfig:
+def run_config(corpus: Path, root: Path, workers: int, batch_size: int) -> RunConfig:
     return RunConfig(specs=(str(corpus),), out=tempfile.mkdtemp(prefix="out-", dir=root),
                      batch_size=batch_size, workers=workers, seed=0, progress=False)
 
@@ -140,7 +140,7 @@ def naive_loop(corpus: Path, models: dict, captioner: Captioner, scorer: Scorer,
 
 
 def with_processes(corpus: Path, root: Path, models: dict, args, processes: int) -> tuple[int, float, float]:
-    config = run_config(corpus, root, args, workers=0, batch_size=args.batch_size[0])
+    config = run_config(corpus, root, workers=0, batch_size=args.batch_size[0])
     start = time.perf_counter()
     summary = run_job(config, *model_configs(models, args), SelectionConfig(), processes=processes)
     return summary.samples, time.perf_counter() - start, summary.duration_s
@@ -211,17 +211,16 @@ def bench(size: str, args, parts: set[str]) -> list[dict]:
 def shared_tower(row: dict, corpus: Path, root: Path, args) -> None:
     models = build_tiny_models(root / "blip2", **SIZES[row["size"]])
     same = blip2_filter_on_captioner_tower(models, root / "blip2" / "itm-same-tower")
-    speeds = {}
-    for shared in (False, True):
-        captioner = Captioner(CaptionerConfig(model=models["blip2_captioner"], num_captions=args.num_captions,
-                                              device=args.device, dtype=args.dtype))
-        scorer = Scorer(ScorerConfig(model=same, device=args.device, dtype=args.dtype))
-        assert same_vision_tower(captioner.model, scorer.model)
-        transforms, *keys = shared_transforms(captioner, scorer)
-        batches = [b for b in ShardStream(expand_specs([str(corpus)]), transforms, row["batch"])
-                   if isinstance(b, Batch)]
+    captioner = Captioner(CaptionerConfig(model=models["blip2_captioner"], num_captions=args.num_captions,
+                                          device=args.device, dtype=args.dtype))
+    scorer = Scorer(ScorerConfig(model=same, device=args.device, dtype=args.dtype))
+    assert same_vision_tower(captioner.model, scorer.model)
+    transforms, *keys = shared_transforms(captioner, scorer)
+    batches = [b for b in ShardStream(expand_specs([str(corpus)]), transforms, row["batch"]) if isinstance(b, Batch)]
+    images, speeds = sum(len(b.samples) for b in batches), {}
+    for shared in (False, True):  # one_tower_pass restores the pair after each batch: the same models serve both
         compute_only(batches[:1], captioner, scorer, keys, shared)  # warm-up
-        speeds[shared] = sum(len(b.samples) for b in batches) / compute_only(batches, captioner, scorer, keys, shared)
+        speeds[shared] = images / compute_only(batches, captioner, scorer, keys, shared)
     row.update(tower_separate=speeds[False], tower_shared=speeds[True])
     print(f"{row['size']}: BLIP-2 pair, compute-only {speeds[False]:.1f} img/s with two towers, "
           f"{speeds[True]:.1f} img/s with one shared: {speeds[True] / speeds[False]:.2f}x", flush=True)
@@ -240,7 +239,7 @@ def ratio_and_naive(row: dict, corpus: Path, root: Path, models: dict, captioner
     if cuda:
         torch.cuda.reset_peak_memory_stats(captioner.device)
     start = time.perf_counter()
-    summary = run(run_config(corpus, root, args, args.workers, row["batch"]), captioner, scorer, SelectionConfig())
+    summary = run(run_config(corpus, root, args.workers, row["batch"]), captioner, scorer, SelectionConfig())
     row["e2e_s"] = time.perf_counter() - start
     assert summary.samples == row["images"]
     row["e2e"] = row["images"] / row["e2e_s"]

@@ -110,7 +110,7 @@ class Claims:
         self.out, self.dir = Path(out), Path(out) / CLAIMS / job
 
     def __call__(self, name: str) -> bool:
-        for attempt in range(100):
+        for _ in range(100):
             self.dir.mkdir(parents=True, exist_ok=True)
             try:
                 fd = os.open(self.dir / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

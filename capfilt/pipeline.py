@@ -258,10 +258,13 @@ def _process(
             good.append(sample)
 
     rows = [s.pixel_row for s in good]
-    all_rows = len(good) == len(next(iter(batch.pixels.values()), ()))  # else index, a copy (drops the pinning)
+
+    def pixels_of(key: str):  # indexing copies (and drops the pinning): only when a sample dropped out
+        return batch.pixels[key] if len(rows) == len(batch.pixels[key]) else batch.pixels[key][rows]
+
     new_captions: list[list[str]] = [[] for _ in good]
     if captioner is not None and good:
-        pixels = batch.pixels[captioner_key] if all_rows else batch.pixels[captioner_key][rows]
+        pixels = pixels_of(captioner_key)
         seed = None if config.seed is None else batch_seed(config.seed, batch.shard, batch.index)
         new_captions = fit(lambda a, b: captioner(pixels[a:b], seed=None if seed is None else seed + a), len(good))
         if config.clean_text:
@@ -269,7 +272,7 @@ def _process(
         stats.synthetic_generated += sum(len(c) for c in new_captions)
     candidates = [unique_candidates(s.web_caption, s.synthetic + new) for s, new in zip(good, new_captions)]
     if scorer is not None and good:
-        pixels = batch.pixels[scorer_key] if all_rows else batch.pixels[scorer_key][rows]
+        pixels = pixels_of(scorer_key)
         texts = [[c.caption for c in cands] for cands in candidates]
         scores = fit(lambda a, b: scorer(pixels[a:b], texts[a:b]), len(good))
         for cands, row in zip(candidates, scores):

@@ -118,8 +118,8 @@ def build_tiny_models(root: Path, hidden: int = 32, layers: int = 2, image_size:
     }
     if not blip2:
         return paths
-    paths["blip2_captioner"] = _save(Blip2ForConditionalGeneration(_blip2_config(bert, llm, **size)), llm, root / "blip2_cap", Blip2Processor,
-                                     num_query_tokens=4)
+    captioner = Blip2ForConditionalGeneration(_blip2_config(bert, llm, **size))
+    paths["blip2_captioner"] = _save(captioner, llm, root / "blip2_cap", Blip2Processor, num_query_tokens=4)
     itm = Blip2ForImageTextRetrieval(_blip2_config(bert, text_input=True, **size))
     with torch.no_grad():  # a zero-initialised ITM head would score everything 0.5 exactly
         itm.itm_head.weight.normal_(0, 0.5)

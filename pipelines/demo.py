@@ -72,9 +72,9 @@ class DemoSummary:
 
 
 def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoSummary:
-    from capfilt.captioner import Captioner, CaptionerConfig
     import torch
 
+    from capfilt.captioner import Captioner, CaptionerConfig
     from capfilt.checkpoint import resolve_device
     from capfilt.fetch import FetchConfig, fetch_efficientnet, fetch_smollm2
     from capfilt.pipeline import RunConfig, run
