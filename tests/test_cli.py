@@ -280,9 +280,36 @@ def test_broken_stream_is_retried_and_a_dead_one_reported(shards, tmp_path, tiny
     assert not list((tmp_path / "dead").glob("part-00003*"))
 
 
+def _same_selection(out: Path, reference: Path, tolerance: float = 1e-5) -> None:
+    """What a user sees is the same: keys, statuses, reasons, captions, image bytes; scores equal within
+    `tolerance`. Not bytes: batched CPU kernels round differently for different batch sizes (8th digit seen),
+    so byte equality holds only while the batch composition is too."""
+    import pyarrow.parquet as pq
+
+    names = sorted(p.name for p in reference.glob("*.parquet"))
+    assert sorted(p.name for p in out.glob("*.parquet")) == names
+    for name in names:
+        rows, expected = (pq.read_table(d / name).to_pylist() for d in (out, reference))
+        assert [r["key"] for r in rows] == [r["key"] for r in expected]
+        for row, want in zip(rows, expected):
+            for column in ("status", "reason", "web_caption", "synthetic_captions", "kept_captions"):
+                assert row[column] == want[column], (name, row["key"], column)
+            assert row["web_score"] == pytest.approx(want["web_score"], abs=tolerance)
+            assert row["synthetic_scores"] == pytest.approx(want["synthetic_scores"], abs=tolerance)
+        tar = name.replace(".parquet", ".tar")
+        members, want = (tar_members(d / tar) for d in (out, reference))
+        assert [m for m, _ in members] == [m for m, _ in want]
+        for (member, data), (_, wanted) in zip(members, want):
+            if member.endswith(".json"):  # the candidates' scores are in it
+                data, wanted = (json.loads(d)["capfilt"]["candidates"] for d in (data, wanted))
+                assert [c["score"] for c in data] == pytest.approx([c["score"] for c in wanted], abs=tolerance)
+                data, wanted = ([{**c, "score": None} for c in d] for d in (data, wanted))
+            assert data == wanted, (tar, member)  # images byte for byte, the best caption
+
+
 def test_a_batch_out_of_gpu_memory_is_retried_in_halves(shards, tmp_path, stages, monkeypatch):
-    """Filtering is deterministic, so a run whose scorer runs out of memory above 2 images writes the same
-    shards as one that never did, and its stats say the batches were halved."""
+    """A run whose scorer runs out of memory above 2 images keeps and drops what one that never did does, and its
+    stats say the batches were halved."""
     import torch
 
     def filter_only(out):
@@ -299,7 +326,7 @@ def test_a_batch_out_of_gpu_memory_is_retried_in_halves(shards, tmp_path, stages
 
     monkeypatch.setattr(Scorer, "__call__", small_gpu)
     filter_only(tmp_path / "small")
-    assert _outputs(tmp_path / "small") == _outputs(tmp_path / "plenty")
+    _same_selection(tmp_path / "small", tmp_path / "plenty")
     halvings = sum(read_json(p)["oom_halvings"] for p in (tmp_path / "small").glob("*_stats.json"))
     assert halvings == 1  # the limit, once halved, holds for the rest of the run
     assert "OOM halvings" in cli("stats", tmp_path / "small").output
