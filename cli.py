@@ -42,10 +42,10 @@ CleanText = Annotated[bool, typer.Option(help="Clean captions as BLIP's pre_capt
 Retries = Annotated[int, typer.Option(help="Retries for a shard that cannot be opened.", rich_help_panel=RUN)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=RUN)]
 
-CaptionerModel = Annotated[str, typer.Option("--captioner", help="BlipForConditionalGeneration, "
-                                             "Blip2ForConditionalGeneration (Hub id or local directory) or a "
-                                             "stage-2 `capfilt pretrain` run directory.",
-                                             rich_help_panel=CAPTION)]
+CaptionerModel = Annotated[str, typer.Option("--captioner", help="A BLIP, BLIP-2 or InstructBLIP captioning "
+                                             "checkpoint (Hub id or local directory, e.g. "
+                                             "Salesforce/blip-image-captioning-large) or a `capfilt pretrain` "
+                                             "run directory.", rich_help_panel=CAPTION)]
 Sampling = Annotated[str, typer.Option(help="nucleus (BLIP's CapFilt default), beam or greedy.",
                                        rich_help_panel=CAPTION)]
 NumCaptions = Annotated[int, typer.Option(help="Synthetic captions per image (BLIP: 1, BLIP-2: 10).",
@@ -58,13 +58,15 @@ Processes = Annotated[int, typer.Option(
     help="Local processes sharing the shards (one per GPU on a multi-GPU box, or CPU processes). Under torchrun, "
          "accelerate launch or srun leave it at 1: every launched process claims shards by itself.")]
 Prompt = Annotated[Optional[str], typer.Option(
-    help="Decoder prompt, removed from the captions. Default: the model's own (BLIP and BLIP-2: 'a picture of '; "
-         "a capfilt model: the prompt it was trained with, none for a stage-1 model's ITG decoder).",
+    help="Decoder prompt (InstructBLIP: the instruction), removed from the captions. Default: the model's own "
+         "(BLIP: 'a picture of '; BLIP-2: 'a photo of'; InstructBLIP: 'A short image caption:'; a capfilt model: "
+         "the prompt it was trained with, none for a stage-1 model's ITG decoder). An LLM's prompt loses its "
+         "trailing spaces, which its tokenizer would make a lone-space token.",
     rich_help_panel=CAPTION)]
 
-FilterModel = Annotated[str, typer.Option("--filter", help="BlipForImageTextRetrieval, "
-                                          "Blip2ForImageTextRetrieval (Hub id or local directory) or a "
-                                          "`capfilt pretrain` run directory.",
+FilterModel = Annotated[str, typer.Option("--filter", help="A BLIP or BLIP-2 image-text matching (ITM) "
+                                          "checkpoint (Hub id or local directory, e.g. "
+                                          "Salesforce/blip-itm-large-coco) or a `capfilt pretrain` run directory.",
                                           rich_help_panel=FILTER)]
 Policy = Annotated[str, typer.Option(help="blip: keep every caption >= threshold; blip2: keep the best "
                                      "--keep-top of those.", rich_help_panel=FILTER)]

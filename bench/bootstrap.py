@@ -115,7 +115,7 @@ def naive_loop(corpus: Path, models: dict, captioner: Captioner, scorer: Scorer,
     cap_processor = BlipProcessor.from_pretrained(models["blip_captioner"])
     itm_model = BlipForImageTextRetrieval.from_pretrained(models["blip_itm"], dtype=dtype).to(device).eval()
     itm_processor = BlipProcessor.from_pretrained(models["blip_itm"])
-    enc = enc_token_id(itm_processor.tokenizer, itm_model.config.text_config.vocab_size)
+    enc = enc_token_id(itm_processor.tokenizer, itm_model.config.text_config)
     kwargs = captioner.config.generation_kwargs(prompt_tokens=len(captioner.prefix))
 
     def one(image, web_caption) -> list[float]:

@@ -1,8 +1,9 @@
-"""Captioner: an image-grounded text decoder (BLIP or BLIP-2) that writes synthetic captions for a batch of images.
+"""Captioner: an image-grounded text decoder (BLIP, BLIP-2, InstructBLIP or a capfilt Q-Former) that writes
+synthetic captions for a batch of images.
 
-Defaults are BLIP's CapFilt settings (salesforce/BLIP `generate`): prompt "a picture of " stripped from the
-output, nucleus sampling with top_p 0.9, top_k 50 and repetition penalty 1.1, lengths 10..30 tokens counted
-with the prompt. Beam search uses 3 beams and no repetition penalty.
+Defaults are BLIP's CapFilt settings (salesforce/BLIP `generate`): the model's own prompt (BLIP's "a picture
+of ") removed from the output, nucleus sampling with top_p 0.9, top_k 50 and repetition penalty 1.1, lengths
+10..30 tokens counted with the prompt. Beam search uses 3 beams and no repetition penalty.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from transformers import Blip2ForConditionalGeneration, BlipForConditionalGeneration
+from transformers import Blip2ForConditionalGeneration, BlipForConditionalGeneration, InstructBlipForConditionalGeneration
 
 from capfilt.checkpoint import (ImageTransform, check_dtype, load_image_transform, load_model, load_tokenizer,
                                 vision_dtype)
@@ -20,7 +21,11 @@ from capfilt.qformer import LLM_TOKENIZER, MODEL_TYPE as CAPFILT_QFORMER, QForme
 
 Sampling = Literal["nucleus", "beam", "greedy"]
 CAPTIONER_CLASSES = {"blip": BlipForConditionalGeneration, "blip-2": Blip2ForConditionalGeneration,
-                     CAPFILT_QFORMER: QFormerModel}
+                     "instructblip": InstructBlipForConditionalGeneration, CAPFILT_QFORMER: QFormerModel}
+# Each kind's own captioning prompt: BLIP's CapFilt, LAVIS's BLIP-2 captioning, InstructBLIP's short-caption
+# instruction. An LLM's prompt never ends in a space: a byte-level BPE tokenizer would make it a lone-space token,
+# which its LLM never saw before a word.
+PROMPTS = {"blip": "a picture of ", "blip-2": "a photo of", "instructblip": "A short image caption:"}
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,7 @@ class CaptionerConfig:
     repetition_penalty: float | None = None  # None: 1.1 for nucleus, 1.0 otherwise (BLIP's choices)
     max_length: int = 30
     min_length: int = 10
-    prompt: str | None = None  # None: the model's own (BLIP's "a picture of ", a capfilt model's training prompt)
+    prompt: str | None = None  # None: the model's own (PROMPTS, or a capfilt model's training prompt)
     device: str = "auto"
     dtype: str = "fp32"
 
@@ -79,20 +84,25 @@ class Captioner:
     def __init__(self, config: CaptionerConfig):
         self.config = config
         self.model = load_model(config.model, "captioner", CAPTIONER_CLASSES, config.device, config.dtype)
-        self.is_capfilt = self.model.config.model_type == CAPFILT_QFORMER
+        self.kind = self.model.config.model_type
+        self.is_capfilt = self.kind == CAPFILT_QFORMER
         self.uses_llm = not self.is_capfilt or self.model.has_language_model  # else a stage-1 Q-Former's ITG decoder
         self.tokenizer = load_tokenizer(config.model, "captioner",
                                         subfolder=LLM_TOKENIZER if self.is_capfilt and self.uses_llm else "")
         if not self.uses_llm and config.sampling == "beam":
             raise CapfiltError(f"captioner {config.model!r} is a stage-1 Q-Former: it captions with nucleus or greedy")
-        self.is_blip2 = self.model.config.model_type == "blip-2"
         self.image_transform: ImageTransform = load_image_transform(
             config.model, self.model.config.vision_config.image_size
         )
         # capfilt models caption after the prompt they were trained with (stage 1's ITG decoder: none).
-        own = (self.model.config.prompt if self.uses_llm else "") if self.is_capfilt else "a picture of "
+        own = (self.model.config.prompt if self.uses_llm else "") if self.is_capfilt else PROMPTS[self.kind]
         self.prompt = own if config.prompt is None else config.prompt
+        if self.uses_llm and self.kind != "blip":  # BLIP's WordPiece ignores the space; an LLM's BPE would not
+            self.prompt = self.prompt.rstrip()
         self.prefix = self._prompt_prefix()
+        self.instruction = None  # InstructBLIP: the prompt in the Q-Former's own tokens, which it reads too
+        if self.kind == "instructblip":
+            self.instruction = list(load_tokenizer(config.model, "captioner", "qformer_tokenizer")(self.prompt).input_ids)
 
     @property
     def device(self) -> torch.device:
@@ -100,14 +110,16 @@ class Captioner:
 
     def _prompt_prefix(self) -> list[int]:
         """Token ids that precede generation. BLIP: `[DEC]` then the prompt (HF's generate swaps in `[DEC]` for
-        `[CLS]` and drops the final `[SEP]`); a stage-1 capfilt model likewise. BLIP-2: the prompt as its LLM's
-        tokenizer encodes it, as Blip2Processor does; the query placeholders go in front at call time."""
+        `[CLS]` and drops the final `[SEP]`); a stage-1 capfilt model likewise. BLIP-2 and InstructBLIP: the
+        prompt as its LLM's tokenizer encodes it, as their processors do; the query placeholders go in front at
+        call time."""
         ids = self.tokenizer(self.prompt).input_ids
         if self.is_capfilt:
             return list(ids) if self.uses_llm else [self.model.config.decoder_token_id] + list(ids[1:-1])
-        if self.is_blip2:
+        if self.kind in ("blip-2", "instructblip"):
             if getattr(self.model.config, "image_token_index", None) is None:
-                raise CapfiltError(f"captioner {self.config.model!r}: BLIP-2 config lacks image_token_index")
+                raise CapfiltError(f"captioner {self.config.model!r}: its config.json lacks image_token_index "
+                                   "(the id of the <image> token), which transformers 5 needs")
             return list(ids)
         return [self.model.config.text_config.bos_token_id] + list(ids[1:-1])
 
@@ -123,10 +135,12 @@ class Captioner:
             if not self.uses_llm:  # the ITG decoder ends a caption with [SEP]
                 kwargs.update(eos_token_id=self.tokenizer.sep_token_id, pad_token_id=self.tokenizer.pad_token_id)
             out = self.model.generate(pixel_values, input_ids=prefix, **kwargs)
-        elif self.is_blip2:
+        elif self.kind in ("blip-2", "instructblip"):
             queries = self.model.config.num_query_tokens
             image_tokens = torch.full((batch, queries), self.model.config.image_token_index, device=self.device)
             input_ids = torch.cat([image_tokens, prefix], dim=1)
+            if self.instruction is not None:
+                kwargs["qformer_input_ids"] = torch.tensor([self.instruction], device=self.device).repeat(batch, 1)
             out = self.model.generate(pixel_values, input_ids=input_ids, **kwargs)
             # Decoder-only LLMs echo the input ids; encoder-decoder ones (Flan-T5) return only new tokens.
             if not self.model.config.text_config.is_encoder_decoder:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from transformers.models.blip.image_processing_pil_blip import BlipImageProcesso
 
 from capfilt.errors import CapfiltError
 
+log = logging.getLogger(__name__)
 hf_logging.disable_progress_bar()  # capfilt shows its own progress; a bar per weight file is noise
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -48,16 +50,39 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
+# What users call each model class, with a Hub id they would recognise, for messages (never the class names).
+KINDS = {
+    "BlipForConditionalGeneration": ("a BLIP captioning checkpoint", "Salesforce/blip-image-captioning-large"),
+    "BlipForImageTextRetrieval": ("a BLIP image-text matching (ITM) checkpoint", "Salesforce/blip-itm-large-coco"),
+    "Blip2ForConditionalGeneration": ("a BLIP-2 captioning checkpoint", "Salesforce/blip2-opt-2.7b"),
+    "Blip2ForImageTextRetrieval": ("a BLIP-2 image-text matching (ITM) checkpoint", "Salesforce/blip2-itm-vit-g"),
+    "InstructBlipForConditionalGeneration": ("an InstructBLIP checkpoint", "Salesforce/instructblip-flan-t5-xl"),
+    "QFormerModel": ("a capfilt Q-Former", "a `capfilt pretrain` run directory"),
+}
+_MODEL_TYPES = {"blip": "a BLIP", "blip-2": "a BLIP-2", "instructblip": "an InstructBLIP"}
+
+
+def _kind(class_name: str) -> str:
+    return KINDS.get(class_name, (f"a {class_name} checkpoint", ""))[0]
+
+
+def _wanted(role: str, classes: dict[str, type[PreTrainedModel]]) -> str:
+    kinds = [f"{KINDS[c.__name__][0]} such as {KINDS[c.__name__][1]}" for c in classes.values()]
+    return f"a {role} must be " + ", ".join(kinds[:-1]) + f" or {kinds[-1]}"
+
+
 def load_model(name: str, role: str, classes: dict[str, type[PreTrainedModel]], device: str, dtype: str):
     """Load `name` with the class that `classes` maps its `model_type` to; refuse checkpoints of the wrong head."""
     config = load_config(name, role)
     cls = classes.get(config.model_type)
     if cls is None:
-        kinds = ", ".join(c.__name__ for c in classes.values())
-        raise CapfiltError(f"{role} {name!r} is a {config.model_type!r} checkpoint; {role} needs one of: {kinds}")
+        what = _MODEL_TYPES.get(config.model_type, f"a {config.model_type!r}")
+        raise CapfiltError(f"{role} {name!r} is {what} model, which capfilt cannot use as a {role}: "
+                           f"{_wanted(role, classes)}")
     architectures = getattr(config, "architectures", None) or []
     if architectures and cls.__name__ not in architectures:
-        raise CapfiltError(f"{role} {name!r} holds a {architectures[0]}, not the {cls.__name__} that {role} needs")
+        raise CapfiltError(f"{role} {name!r} is {_kind(architectures[0])}, not {_kind(cls.__name__)} "
+                           f"such as {KINDS[cls.__name__][1]}")
     model = cls.from_pretrained(name, dtype=DTYPES[dtype])
     return model.to(resolve_device(device)).eval()
 
@@ -95,15 +120,31 @@ class ImageTransform:
 
 
 def load_image_transform(name: str, image_size: int) -> ImageTransform:
-    """The checkpoint's own image processor; BLIP's (bicubic resize, CLIP mean/std) at the config's size if absent."""
+    """The checkpoint's own image processor, made to give the `image_size` square its tower takes (BLIP resizes
+    to a square; an older upload's `{"shortest_edge": 384}` keeps the aspect ratio and would not fit the tower's
+    position embeddings). BLIP's (bicubic resize, CLIP mean/std) at that size if the checkpoint has none."""
     try:
         processor = AutoProcessor.from_pretrained(name)
         image_processor = getattr(processor, "image_processor", processor)
-        if callable(image_processor) and hasattr(image_processor, "to_json_string"):
-            return ImageTransform(image_processor)
+        if not (callable(image_processor) and hasattr(image_processor, "to_json_string")):
+            image_processor = None
     except (OSError, ValueError, TypeError):
-        pass
-    return ImageTransform(BlipImageProcessorPil(size={"height": image_size, "width": image_size}))
+        image_processor = None
+    if image_processor is None:
+        return ImageTransform(BlipImageProcessorPil(size={"height": image_size, "width": image_size}))
+    square = {"height": image_size, "width": image_size}
+    size = {k: v for k, v in image_processor.to_dict().get("size", {}).items() if v is not None}
+    if size != square and "Blip" in type(image_processor).__name__:  # BLIP's processors resize to `size` as is
+        log.warning("%s: preprocessor_config.json asks for size %s; the vision tower takes %dx%d, so images are "
+                    "resized to that square, as BLIP does", name, size, image_size, image_size)
+        image_processor = type(image_processor)(**{**image_processor.to_dict(), "size": square})
+    transform = ImageTransform(image_processor)
+    shape = tuple(transform([Image.new("RGB", (640, 384))]).shape)  # a landscape photo, as most are
+    if shape[1:] != (3, image_size, image_size):
+        raise CapfiltError(f"{name!r}: its preprocessor_config.json makes {shape[2]}x{shape[3]} images from a "
+                           f"640x384 photo, but its vision tower takes {image_size}x{image_size}: set \"size\" to "
+                           f"{{\"height\": {image_size}, \"width\": {image_size}}} there")
+    return transform
 
 
 # Config entries that say where a tower came from, not what it computes.

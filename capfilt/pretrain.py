@@ -182,9 +182,17 @@ class Tokenize:
             return dict(pixel_values=batch.pixel_values, input_ids=tokens.input_ids,
                         attention_mask=tokens.attention_mask, sample_ids=batch.sample_ids)
         tok = self.llm_tokenizer
-        prompt = tok(self.prompt).input_ids if self.prompt else tok("").input_ids
-        rows = [prompt + tok(c, add_special_tokens=False).input_ids[: self.max_text_length] + [tok.eos_token_id]
-                for c in batch.captions]
+        # The caption follows the prompt after one space, tokenized as one text (LAVIS's way), so a byte-level
+        # BPE LLM sees "of Ġa" as in its own training, never a lone-space token ("of Ġ a"); the captioner then
+        # prompts with the same stripped text.
+        prompt_text = self.prompt.rstrip()
+        prompt = tok(prompt_text).input_ids
+        rows = []
+        for caption in batch.captions:
+            ids = tok(f"{prompt_text} {caption}" if prompt_text else caption).input_ids
+            if ids[: len(prompt)] != prompt:  # a tokenizer that merges across the space: keep the parts apart
+                ids = prompt + tok(caption, add_special_tokens=False).input_ids
+            rows.append(ids[: len(prompt) + self.max_text_length] + [tok.eos_token_id])
         length = max(map(len, rows))
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         ids = torch.full((len(rows), length), pad, dtype=torch.long)

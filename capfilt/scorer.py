@@ -18,7 +18,7 @@ from capfilt.qformer import MODEL_TYPE as CAPFILT_QFORMER, QFormerModel
 
 SCORER_CLASSES = {"blip": BlipForImageTextRetrieval, "blip-2": Blip2ForImageTextRetrieval,
                   CAPFILT_QFORMER: QFormerModel}
-ENC_TOKEN = "[ENC]"
+ENC_TOKEN, DEC_TOKEN = "[ENC]", "[DEC]"
 
 
 @dataclass(frozen=True)
@@ -34,17 +34,22 @@ class ScorerConfig:
             raise CapfiltError("--max-text-length must be at least 2")
 
 
-def enc_token_id(tokenizer, vocab_size: int) -> int:
+def enc_token_id(tokenizer, text_config) -> int:
     """The id of BLIP's `[ENC]` token. BLIP's tokenizer is bert-base-uncased plus `[DEC]` (bos) and `[ENC]`, in
-    that order; HF's BLIP tokenizers may omit `[ENC]` while the embedding matrix keeps its row, right after
-    the tokenizer's last token."""
+    that order (ids 30522 and 30523); the Hub's BLIP tokenizers ship plain bert-base-uncased, without either,
+    while the embedding matrix keeps both rows: `[DEC]` is the config's bos id and `[ENC]` the row after it."""
     token_id = tokenizer.convert_tokens_to_ids(ENC_TOKEN)
     if token_id is not None and token_id != tokenizer.unk_token_id:
         return token_id
-    if vocab_size == len(tokenizer) + 1:
-        return len(tokenizer)
+    dec = tokenizer.convert_tokens_to_ids(DEC_TOKEN)
+    if dec is None or dec == tokenizer.unk_token_id:
+        dec = text_config.bos_token_id
+    # The row after [DEC] must be one no tokenizer text can produce, and must exist.
+    if dec is not None and len(tokenizer) <= dec + 1 < text_config.vocab_size:
+        return dec + 1
     raise CapfiltError(
-        f"filter tokenizer has no {ENC_TOKEN} token and its text embeddings ({vocab_size}) leave no slot for one"
+        f"filter tokenizer ({len(tokenizer)} tokens) has no {ENC_TOKEN} token, and the model's text embeddings "
+        f"({text_config.vocab_size} rows, [DEC] = {dec}) leave no row for one after [DEC]: not a BLIP ITM checkpoint?"
     )
 
 
@@ -64,7 +69,7 @@ class Scorer:
             self.model.config.max_text_length if self.is_capfilt else 32 if self.is_blip2 else 35)
         self.first_token = None
         if not (self.is_blip2 or self.is_capfilt):
-            self.first_token = enc_token_id(self.tokenizer, self.model.config.text_config.vocab_size)
+            self.first_token = enc_token_id(self.tokenizer, self.model.config.text_config)
         self.image_transform: ImageTransform = load_image_transform(
             config.model, self.model.config.vision_config.image_size
         )

@@ -165,3 +165,140 @@ def build_tiny_qformer_parts(root: Path, hidden: int = 32, image_size: int = 32,
     llm.save_pretrained(root / "llm")
     llm_tok.save_pretrained(root / "llm")
     return {"vision": str(root / "vision"), "tokenizer": str(root / "tokenizer"), "llm": str(root / "llm")}
+
+
+# ------------------------------------------------------------------------------------------ real Hub files
+
+
+def copy_hub_files(files: Path, out: Path) -> Path:
+    """A real checkpoint's small files (config, tokenizer, processor) as its Hub repo has them; `.gz` unpacked."""
+    import gzip
+    import shutil
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in Path(files).iterdir():
+        if path.suffix == ".gz":
+            (out / path.stem).write_bytes(gzip.decompress(path.read_bytes()))
+        elif path.suffix == ".json" or path.suffix == ".txt":
+            shutil.copy(path, out / path.name)
+    return out
+
+
+def _shallow(sub: dict, layers: int) -> dict:
+    return {**sub, "num_hidden_layers": layers}
+
+
+def build_hub_models(files: Path, root: Path, seed: int = 0) -> dict[str, str]:
+    """Random checkpoints with the real Hub files under `files` (see tests/hub_files): only depth is shrunk,
+    vocabularies, widths and special-token ids are the real ones (the LLM behind BLIP-2 is narrowed, keeping
+    its vocabulary and ids). Returns paths by role: blip_captioner and blip_itm (blip-image-captioning-base's
+    files; the BLIP ITM repos ship the same tokenizer), blip2_captioner (blip2-opt-2.7b's), blip2_itm (the
+    BLIP-2 config as an ITM model with a BERT tokenizer plus `[DEC]`, as blip2-itm-vit-g has)."""
+    import json
+
+    from transformers import (AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration,
+                              Blip2ForImageTextRetrieval, BlipConfig, BlipForConditionalGeneration,
+                              BlipForImageTextRetrieval)
+
+    files, root = Path(files), Path(root)
+    torch.manual_seed(seed)
+    paths = {}
+    blip_files = files / "blip-image-captioning-base"
+    blip = json.loads((blip_files / "config.json").read_text())
+    blip["vision_config"] = _shallow(blip["vision_config"], 1)
+    # initializer_range 0.2: a random BLIP decoder at 0.02 gives every image the same caption
+    blip["text_config"] = {**_shallow(blip["text_config"], 1), "initializer_range": 0.2}
+    for role, cls in (("blip_captioner", BlipForConditionalGeneration), ("blip_itm", BlipForImageTextRetrieval)):
+        out = copy_hub_files(blip_files, root / role)
+        cls(BlipConfig.from_dict(blip)).save_pretrained(out)
+        _real_layout(out, {**blip, "architectures": [cls.__name__]})
+        paths[role] = str(out)
+
+    blip2_files = files / "blip2-opt-2.7b"
+    blip2 = json.loads((blip2_files / "config.json").read_text())
+    vision, qformer = _shallow(blip2["vision_config"], 1), _shallow(blip2["qformer_config"], 2)
+    llm = {**blip2["text_config"], "hidden_size": 64, "ffn_dim": 256, "num_hidden_layers": 2,
+           "num_attention_heads": 2, "word_embed_proj_dim": 64, "init_std": 0.2}
+    out = copy_hub_files(blip2_files, root / "blip2_captioner")
+    blip2 = {**blip2, "vision_config": vision, "qformer_config": qformer, "text_config": llm}
+    Blip2ForConditionalGeneration(Blip2Config.from_dict(blip2)).save_pretrained(out)
+    _real_layout(out, blip2)
+    paths["blip2_captioner"] = str(out)
+
+    out = root / "blip2_itm"
+    bert = AutoTokenizer.from_pretrained(copy_hub_files(blip_files, root / "bert"))
+    bert.add_special_tokens({"bos_token": "[DEC]"})  # BLIP-2's Q-Former tokenizer: BERT's plus [DEC]
+    bert.save_pretrained(out)
+    itm = Blip2ForImageTextRetrieval(Blip2Config.from_dict(
+        {**blip2, "architectures": None, "vision_config": vision, "text_config": None,
+         "qformer_config": {**qformer, "vocab_size": len(bert), "use_qformer_text_input": True}}))
+    with torch.no_grad():  # a zero-initialised ITM head would score everything 0.5 exactly
+        itm.itm_head.weight.normal_(0, 0.5)
+    itm.save_pretrained(out)
+    for name in ("preprocessor_config.json",):
+        (out / name).write_bytes((blip2_files / name).read_bytes())
+    paths["blip2_itm"] = str(out)
+    return paths
+
+
+def _real_layout(checkpoint: Path, config: dict) -> None:
+    """The config as its Hub repo writes it (a 2022 upload's full dump, a 2024 one's sparse file), depth edited,
+    in place of the one `save_pretrained` wrote in today's transformers layout."""
+    import json
+
+    (Path(checkpoint) / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _sentencepiece_tokenizer(kind: str):
+    """A small trained sentencepiece-style tokenizer (Metaspace "▁" words) with an `<image>` token: T5's
+    unigram kind (no bos, `</s>` appended) or Llama's BPE kind (`<s>` in front), as Flan-T5 and Vicuna have."""
+    from tokenizers import SentencePieceBPETokenizer, SentencePieceUnigramTokenizer
+    from transformers import LlamaTokenizerFast, T5TokenizerFast
+
+    texts = [" ".join(WORDS[i : i + 6]) for i in range(len(WORDS))] + ["A short image caption:"]
+    if kind == "t5":
+        raw = SentencePieceUnigramTokenizer()
+        raw.train_from_iterator(texts, vocab_size=400, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
+        return T5TokenizerFast(tokenizer_object=raw._tokenizer, pad_token="<pad>", eos_token="</s>",
+                               unk_token="<unk>", extra_ids=0, additional_special_tokens=["<image>"])
+    raw = SentencePieceBPETokenizer()
+    raw.train_from_iterator(texts, vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"])
+    return LlamaTokenizerFast(tokenizer_object=raw._tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                              pad_token="<unk>", add_bos_token=True, additional_special_tokens=["<image>"])
+
+
+def build_instructblip(files: Path, path: Path, llm: str = "t5", seed: int = 0) -> str:
+    """A random InstructBLIP captioner (`llm`: "t5" as the Flan-T5 variants, "llama" as the Vicuna ones) on the
+    real BLIP-2 vision and Q-Former settings of `files`/blip2-opt-2.7b, depth shrunk, its Q-Former reading
+    the instruction through the real BERT vocabulary plus `[DEC]`; saved with InstructBlipProcessor."""
+    import json
+
+    from transformers import (AutoTokenizer, InstructBlipConfig, InstructBlipForConditionalGeneration,
+                              InstructBlipProcessor)
+
+    files, path = Path(files), Path(path)
+    torch.manual_seed(seed)
+    real = json.loads((files / "blip2-opt-2.7b" / "config.json").read_text())
+    qformer_tok = AutoTokenizer.from_pretrained(copy_hub_files(files / "blip-image-captioning-base",
+                                                               path.parent / f"{path.name}-bert"))
+    qformer_tok.add_special_tokens({"bos_token": "[DEC]"})
+    tok = _sentencepiece_tokenizer(llm)
+    width = dict(hidden_size=64, num_attention_heads=2, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                 eos_token_id=tok.eos_token_id)
+    if llm == "t5":
+        text = dict(model_type="t5", d_model=64, d_kv=32, d_ff=128, num_layers=1, num_decoder_layers=1,
+                    num_heads=2, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                    decoder_start_token_id=tok.pad_token_id, initializer_factor=5.0)
+    else:
+        text = dict(model_type="llama", intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2,
+                    bos_token_id=tok.bos_token_id, initializer_range=0.2, **width)
+    config = InstructBlipConfig(
+        vision_config=_shallow(real["vision_config"], 1), text_config=text, num_query_tokens=8,
+        qformer_config={**_shallow(real["qformer_config"], 2), "vocab_size": len(qformer_tok)},
+        image_token_index=tok.convert_tokens_to_ids("<image>"))
+    InstructBlipForConditionalGeneration(config).save_pretrained(path)
+    image_processor = _image_processor(config.vision_config.image_size)
+    InstructBlipProcessor(image_processor=image_processor, tokenizer=tok, qformer_tokenizer=qformer_tok,
+                          num_query_tokens=config.num_query_tokens).save_pretrained(path)
+    return str(path)

@@ -1,5 +1,7 @@
 """Captioner and filter on tiny checkpoints loaded through from_pretrained(dir)."""
 
+import re
+
 import pytest
 import torch
 from conftest import demo_samples
@@ -102,25 +104,45 @@ def test_captioner_config_rejects_bad_options(kwargs, message):
 
 
 def test_wrong_head_and_missing_model_are_clear(tiny_models, tmp_path):
-    with pytest.raises(CapfiltError, match="BlipForImageTextRetrieval"):
+    from transformers import BertConfig
+
+    with pytest.raises(CapfiltError, match="is a BLIP image-text matching .ITM. checkpoint, not a BLIP captioning "
+                                           "checkpoint such as Salesforce/blip-image-captioning-large") as err:
         Captioner(CaptionerConfig(model=tiny_models["blip_itm"]))
+    assert not re.search(r"[a-z]For[A-Z]", str(err.value))  # what users call it, not transformers' class names
+    BertConfig(num_hidden_layers=1).save_pretrained(tmp_path / "bert")
+    with pytest.raises(CapfiltError, match="is a 'bert' model, which capfilt cannot use as a filter: a filter must "
+                                           "be a BLIP image-text matching") as err:
+        Scorer(ScorerConfig(model=str(tmp_path / "bert")))
+    assert not re.search(r"[a-z]For[A-Z]|QFormerModel", str(err.value))
     with pytest.raises(CapfiltError, match="no such model directory"):
         Scorer(ScorerConfig(model=str(tmp_path / "nope")))
 
 
 def test_enc_token_found_without_tokenizer_entry():
+    from types import SimpleNamespace
+
     from transformers import BertTokenizer
 
     from capfilt.scorer import enc_token_id
 
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "dog"])}
+
+    def text(vocab_size, bos=None):
+        return SimpleNamespace(vocab_size=vocab_size, bos_token_id=bos)
+
     with_enc = BertTokenizer(vocab=vocab, bos_token="[DEC]", additional_special_tokens=["[ENC]"])
-    assert enc_token_id(with_enc, vocab_size=8) == 7
+    assert enc_token_id(with_enc, text(8, bos=6)) == 7
     # HF's BLIP tokenizers may carry [DEC] but not [ENC]; BLIP's embedding row for [ENC] follows [DEC].
     without = BertTokenizer(vocab=vocab, bos_token="[DEC]")
-    assert enc_token_id(without, vocab_size=len(without) + 1) == len(without)
-    with pytest.raises(CapfiltError, match="ENC"):
-        enc_token_id(without, vocab_size=len(without))
+    assert enc_token_id(without, text(len(without) + 1)) == len(without)
+    # The Hub's BLIP repos ship plain BERT (neither token): [DEC] is the config's bos id, [ENC] the next row.
+    plain = BertTokenizer(vocab=vocab)
+    assert enc_token_id(plain, text(len(plain) + 2, bos=len(plain))) == len(plain) + 1
+    for tokenizer, config in ((without, text(len(without))), (plain, text(len(plain) + 1, bos=len(plain))),
+                              (plain, text(len(plain) + 2, bos=None)), (plain, text(len(plain) + 2, bos=2))):
+        with pytest.raises(CapfiltError, match="ENC"):
+            enc_token_id(tokenizer, config)
 
 
 @pytest.mark.parametrize("name", ["blip_captioner", "blip2_captioner", "blip_itm", "blip2_itm"])
