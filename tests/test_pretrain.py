@@ -56,7 +56,8 @@ def _cycle(batches: list[dict]):
 
 
 def test_stage1_learns_the_synthetic_world(parts_paths, tmp_path):
-    """Retrieval far above chance after 500 CPU steps (about 30 s), from chance before training."""
+    """Retrieval far above chance after 800 CPU steps (about 45 s), from chance before training. (500 were enough
+    before the ITG decoder was tied to the word embeddings, which then serve input and output alike.)"""
     write_synth(tmp_path, SynthConfig(n=1100, per_shard=1000, size=32, max_shapes=1, seed=1))
     parts = _new_parts(parts_paths)
     transform = ImageTransform(parts.image_processor)
@@ -65,7 +66,7 @@ def test_stage1_learns_the_synthetic_world(parts_paths, tmp_path):
     held_out = list(PairStream([str(tmp_path / "synth-00001.tar")], transform, 100, resampled=False))
     before = evaluate(parts.model, tokenize, held_out)
     torch.set_num_threads(1)  # a second thread only spins on two cores shared with the test runner
-    fit(parts.model, _cycle(train), OptimConfig(steps=500, lr=5e-3, min_lr=5e-4, warmup_steps=10),
+    fit(parts.model, _cycle(train), OptimConfig(steps=800, lr=5e-3, min_lr=5e-4, warmup_steps=10),
         Accelerator(cpu=True), log_every=100)
     after = evaluate(parts.model, tokenize, held_out)
     chance = 0.05  # 100 held-out images; captions repeat (216 possible), which the recall counts as hits
