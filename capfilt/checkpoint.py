@@ -21,11 +21,21 @@ hf_logging.disable_progress_bar()  # capfilt shows its own progress; a bar per w
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def launcher_local_rank() -> int | None:
+    """This process's index on its node, from the launcher: LOCAL_RANK (torchrun, accelerate, --processes), else
+    SLURM_LOCALID (plain `srun`, one task per GPU); None when no launcher says."""
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if os.environ.get(name, "").strip():
+            return int(os.environ[name])
+    return None
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and "LOCAL_RANK" in os.environ:  # one process per GPU (torchrun, accelerate, --processes)
-        device = f"cuda:{int(os.environ['LOCAL_RANK']) % max(1, torch.cuda.device_count())}"
+    local_rank = launcher_local_rank()
+    if device == "cuda" and local_rank is not None:  # one process per GPU
+        device = f"cuda:{local_rank % max(1, torch.cuda.device_count())}"
     try:
         resolved = torch.device(device)
     except RuntimeError as exc:
