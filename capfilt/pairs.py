@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from capfilt.errors import CapfiltError
-from capfilt.reader import CORRUPT_IMAGE, Sample, decode_image, die_with_parent, read_shard, shard_name
+from capfilt.reader import CORRUPT_IMAGE, MISSING_CAPTION, Sample, decode_image, die_with_parent, read_shard, shard_name
 from capfilt.text import clean_caption
 
 
@@ -109,7 +109,8 @@ class PairStream(IterableDataset):
             for sample in samples:
                 captions = captions_of(sample) if sample.error is None else []
                 if sample.error is not None or not captions:
-                    yield None, sample.error or "no_kept_caption"
+                    yield None, sample.error or ("no_kept_caption" if sample.web_caption or sample.synthetic
+                                                 else MISSING_CAPTION)
                     continue
                 try:
                     image = decode_image(sample.image)

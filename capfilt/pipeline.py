@@ -250,10 +250,12 @@ def _process(
         if sample.key:
             stats.read += 1
         if sample.error is None and config.clean_text:
-            sample.web_caption = clean_caption(sample.web_caption)
             sample.synthetic = [clean_caption(s) for s in sample.synthetic]
-            if not sample.web_caption:
-                sample.error, sample.detail = reader.MISSING_CAPTION, "caption empty after --clean-text"
+            if sample.web_caption is not None:
+                sample.web_caption = clean_caption(sample.web_caption) or None
+                sample.detail = "" if sample.web_caption else "web caption empty after --clean-text"
+        if sample.error is None and sample.web_caption is None and captioner is None and not sample.synthetic:
+            sample.error, sample.detail = reader.MISSING_CAPTION, f"{sample.detail}: nothing to score"
         if sample.error is None:
             good.append(sample)
 
@@ -289,11 +291,16 @@ def _process(
                            web_caption=sample.web_caption)
             continue
         cands = by_key[id(sample)]
+        if not cands:  # no web caption, and the captioner's came out empty (--clean-text can do that)
+            stats.count_error(reader.MISSING_CAPTION)
+            writer.add_row(key=sample.key, status=ERROR, reason=reader.MISSING_CAPTION,
+                           detail=f"{sample.detail}; the synthetic captions are empty")
+            continue
         kept = select(cands, selection) if scorer is not None else cands
-        web = cands[0]
+        web = next((c for c in cands if c.source == "web"), None)  # None: an image-only sample
         synthetic = [c for c in cands if c.source == "synthetic"]
-        row = dict(key=sample.key, web_caption=web.caption, web_score=web.score,
-                   synthetic_captions=[c.caption for c in synthetic],
+        row = dict(key=sample.key, detail=sample.detail or None, web_caption=web.caption if web else None,
+                   web_score=web.score if web else None, synthetic_captions=[c.caption for c in synthetic],
                    synthetic_scores=[c.score for c in synthetic] if scorer is not None else None,
                    kept_captions=[c.caption for c in kept] if scorer is not None else None)
         if not kept:
@@ -302,7 +309,7 @@ def _process(
             continue
         stats.written += 1
         if scorer is not None:
-            stats.web_kept += int(bool(web.kept))
+            stats.web_kept += int(web is not None and bool(web.kept))
             stats.synthetic_kept += sum(bool(c.kept) for c in synthetic)
         writer.write_sample(sample.key, sample.image, sample.image_ext, kept[0].caption,
                             _output_meta(sample, cands, captioner, scorer, selection))

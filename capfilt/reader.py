@@ -39,6 +39,7 @@ BAD_JSON = "bad_json"
 EMPTY_TAR = "empty_tar"
 TRUNCATED_TAR = "truncated_tar"
 UNREADABLE_TAR = "unreadable_tar"
+DUPLICATE_KEY = "duplicate_key"
 
 
 # ----------------------------------------------------------------------------------------------- specs
@@ -85,6 +86,14 @@ def expand_specs(specs: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(urls))
 
 
+def local_file(url: str) -> str | None:
+    """The local file a shard URL reads, when it names one: a path, or a `pipe:` command's existing tar argument."""
+    if url.startswith("pipe:"):
+        words = [w for w in url[len("pipe:") :].split() if w.endswith(SHARD_SUFFIXES) and os.path.isfile(w)]
+        return words[-1] if words else None
+    return None if _is_url(url) else url
+
+
 def shard_name(url: str) -> str:
     """Output base name of a shard: its file name without the tar suffix (`pipe:`: the last word naming a tar)."""
     base = url
@@ -103,7 +112,8 @@ def shard_name(url: str) -> str:
 
 @dataclass
 class Sample:
-    """One input sample as read from a shard. `error` is a reason code when it cannot be used."""
+    """One input sample as read from a shard. `error` is a reason code when it cannot be used; `detail` explains
+    it, or why a usable sample has no web caption (`web_caption` None: an image-only sample)."""
 
     key: str
     image: bytes | None = None
@@ -133,22 +143,25 @@ def parse_sample(raw: dict[str, Any]) -> Sample:
             return _fail(sample, BAD_JSON, str(exc))
         sample.meta = meta
 
-    # A shard written by `capfilt caption` carries its candidates; its web caption is the one marked `web`.
+    # A shard written by capfilt carries its candidates; its web caption is the one marked `web`, if any (the
+    # txt member then holds a synthetic caption, never the web one).
     candidates = (sample.meta.get("capfilt") or {}).get("candidates") or []
-    web = [c["caption"] for c in candidates if c.get("source") == "web"]
     sample.synthetic = [c["caption"] for c in candidates if c.get("source") == "synthetic"]
-    if web:
-        sample.web_caption = web[0]
+    if candidates:
+        web = [c["caption"] for c in candidates if c.get("source") == "web"]
+        sample.web_caption, absent = (web[0] if web else None), "no web caption among the capfilt candidates"
     elif "txt" in raw:
         try:
-            sample.web_caption = raw["txt"].decode("utf-8")
+            sample.web_caption, absent = raw["txt"].decode("utf-8"), "the txt member is empty"
         except UnicodeDecodeError as exc:
             return _fail(sample, CAPTION_NOT_UTF8, str(exc))
     elif isinstance(sample.meta.get("caption"), str):
-        sample.web_caption = sample.meta["caption"]
-    if not sample.web_caption or not sample.web_caption.strip():
-        return _fail(sample, MISSING_CAPTION, "no txt member and no caption in json")
-    sample.web_caption = sample.web_caption.strip()
+        sample.web_caption, absent = sample.meta["caption"], "the json caption is empty"
+    else:
+        absent = "no txt member and no caption in json"
+    sample.web_caption = (sample.web_caption or "").strip() or None
+    if sample.web_caption is None:
+        sample.detail = absent  # usable all the same: a captioner captions the image alone
     return sample
 
 
@@ -157,9 +170,30 @@ def _fail(sample: Sample, reason: str, detail: str) -> Sample:
     return sample
 
 
+class TarCutError(tarfile.ReadError):
+    """The tar stopped at or inside a member header: the rest of the shard is missing."""
+
+
+class _CutAwareTarInfo(tarfile.TarInfo):
+    """tarfile ends a stream quietly where a header is cut short or missing; this notes it on the archive, so
+    that a tar cut at or inside a header reads as truncated, as one cut inside data does."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.TruncatedHeaderError:
+            tar.capfilt_cut = "cut inside a member header"
+            raise
+        except tarfile.EmptyHeaderError:
+            tar.capfilt_cut = "ends without its end-of-archive blocks"
+            raise
+
+
 def read_shard(url: str) -> Iterator[Sample]:
     """Stream a shard's samples in order. A truncated, empty or unreadable tar ends with one error sample
-    (key "") carrying the reason; everything read before the damage is still yielded.
+    (key "") carrying the reason; everything read before the damage is still yielded. A key seen before in the
+    shard makes the later sample a `duplicate_key` error.
 
     Raises when the stream itself fails (missing file, network, a `pipe:` command exiting non-zero), which
     the caller answers by retrying the whole shard.
@@ -168,8 +202,17 @@ def read_shard(url: str) -> Iterator[Sample]:
     members = 0
     broken = False
     current: dict[str, Any] | None = None
+    seen: set[str] = set()
+
+    def finish(raw: dict[str, Any]) -> Sample:
+        if raw["__key__"] in seen:  # a second sample under one key would overwrite the first downstream
+            return Sample(key=raw["__key__"], error=DUPLICATE_KEY,
+                          detail="an earlier sample of this shard has the same key")
+        seen.add(raw["__key__"])
+        return parse_sample(raw)
+
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_CutAwareTarInfo) as tar:
             for info in tar:
                 if not info.isreg():
                     continue
@@ -178,15 +221,21 @@ def read_shard(url: str) -> Iterator[Sample]:
                     continue
                 data = tar.extractfile(info).read()
                 members += 1
-                if current is not None and current["__key__"] != key:
-                    yield parse_sample(current)
+                # A repeated member name is a new sample under the same key, not a replacement of the last one.
+                if current is not None and (current["__key__"] != key or ext.lower() in current):
+                    yield finish(current)
                     current = None
                 if current is None:
                     current = {"__key__": key}
                 current[ext.lower()] = data
+            if getattr(tar, "capfilt_cut", None):
+                raise TarCutError(tar.capfilt_cut)
     except (tarfile.TarError, EOFError, zlib.error) as exc:
         broken = True
-        reason = TRUNCATED_TAR if members else (EMPTY_TAR if "empty" in str(exc) else UNREADABLE_TAR)
+        if members or isinstance(exc, TarCutError):
+            reason = TRUNCATED_TAR
+        else:
+            reason = EMPTY_TAR if "empty" in str(exc) else UNREADABLE_TAR
         if current is not None and reason == TRUNCATED_TAR:
             # The sample being read when the tar broke may have lost members: it is not trustworthy.
             yield Sample(key=current["__key__"], error=TRUNCATED_TAR, detail="sample cut by the end of the tar")
@@ -195,7 +244,7 @@ def read_shard(url: str) -> Iterator[Sample]:
     finally:
         stream.close()  # a `pipe:` command that exited non-zero raises here
     if current is not None:
-        yield parse_sample(current)
+        yield finish(current)
     elif members == 0 and not broken:
         yield Sample(key="", error=EMPTY_TAR, detail="the tar holds no members")
 

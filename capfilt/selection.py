@@ -50,9 +50,9 @@ def select(candidates: list[Candidate], config: SelectionConfig) -> list[Candida
     return kept
 
 
-def unique_candidates(web: str, synthetic: list[str]) -> list[Candidate]:
-    """The web caption then the synthetic ones, empty and repeated texts removed so that a caption sampled
-    twice cannot take two of the `keep_top` places."""
+def unique_candidates(web: str | None, synthetic: list[str]) -> list[Candidate]:
+    """The web caption (None: the sample has none) then the synthetic ones, empty and repeated texts removed so
+    that a caption sampled twice cannot take two of the `keep_top` places."""
     seen: set[str] = set()
     out: list[Candidate] = []
     for text, source in [(web, "web")] + [(s, "synthetic") for s in synthetic]:

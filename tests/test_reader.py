@@ -48,10 +48,12 @@ def test_bad_samples_get_reasons_and_good_ones_survive(tmp_path):
     samples = [s for b in batches for s in b.samples]
     reasons = {s.key: s.error for s in samples}
     assert reasons == {
-        "good0": None, "corrupt": "corrupt_image", "truncjpg": "corrupt_image", "nocaption": "missing_caption",
+        "good0": None, "corrupt": "corrupt_image", "truncjpg": "corrupt_image", "nocaption": None,
         "latin1": "caption_not_utf8", "noimage": "no_image", "good1": None, "jsoncap": None,
     }
     assert next(s for s in samples if s.key == "jsoncap").web_caption == "a cat on a table"
+    image_only = next(s for s in samples if s.key == "nocaption")  # usable: a captioner captions the image alone
+    assert image_only.web_caption is None and image_only.detail == "no txt member and no caption in json"
     # Pixel rows line up with the decoded samples.
     for b in batches:
         ok = [s for s in b.samples if s.error is None]
@@ -117,3 +119,51 @@ def test_png_and_pipe_urls(tmp_path):
 def test_unopenable_shard_is_retried_then_reported(tmp_path):
     stream = ShardStream([str(tmp_path / "gone.tar")], {}, 4, retries=1, retry_wait_s=0.0)
     assert [(e.shard, bool(e.failed), e.retrying) for e in stream] == [("gone", True, True), ("gone", True, False)]
+
+
+def _member_offsets(path):
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return {m.name: m.offset for m in tar.getmembers()}
+
+
+@pytest.mark.parametrize("where", ["inside a header", "at a header", "inside data"])
+def test_a_tar_cut_anywhere_ends_with_a_truncated_tar_row(tmp_path, where):
+    """A download cut inside a member header (or just before one) must not pass for a complete shard: the samples
+    before the cut survive, the one being read is flagged, and the shard says it was truncated."""
+    samples = demo_samples(3)
+    path = write_tar(tmp_path / "t.tar", samples)
+    json_member = _member_offsets(path)[f"{samples[2]['__key__']}.json"]  # the last sample's second member
+    cut = {"inside a header": json_member + 100, "at a header": json_member, "inside data": json_member - 100}
+    path.write_bytes(path.read_bytes()[: cut[where]])
+    read = [(s.key, s.error) for s in read_shard(str(path))]
+    keys = [s["__key__"] for s in samples]
+    assert read == [(keys[0], None), (keys[1], None), (keys[2], "truncated_tar"), ("", "truncated_tar")]
+
+
+def test_a_repeated_key_makes_the_later_sample_a_duplicate_key_error(tmp_path):
+    a, b, c = demo_samples(3)
+    second_a = {**a, "txt": b"another caption under the same key"}
+    path = write_tar(tmp_path / "dup.tar", [a, b, second_a, c, {**c, "txt": b"and again"}])
+    read = list(read_shard(str(path)))
+    assert [(s.key, s.error) for s in read] == [(a["__key__"], None), (b["__key__"], None),
+                                               (a["__key__"], "duplicate_key"), (c["__key__"], None),
+                                               (c["__key__"], "duplicate_key")]
+    assert read[0].web_caption == a["txt"].decode().strip()  # the first one stays as it was, not overwritten
+    assert read[3].web_caption == c["txt"].decode().strip()
+
+
+def test_image_only_samples_are_usable_and_say_why_they_have_no_web_caption(tmp_path):
+    jpg = demo_samples(1)[0]["jpg"]
+    path = write_tar(tmp_path / "img.tar", [
+        {"__key__": "bare", "jpg": jpg},
+        {"__key__": "jsonnocap", "jpg": jpg, "json": b'{"url": "http://x/1.jpg", "caption": null}'},
+        {"__key__": "emptytxt", "jpg": jpg, "txt": b"  \n"},
+        {"__key__": "emptyjson", "jpg": jpg, "json": b'{"caption": ""}'},
+    ])
+    read = {s.key: s for s in read_shard(str(path))}
+    assert all(s.error is None and s.web_caption is None and s.image == jpg for s in read.values())
+    assert {k: s.detail for k, s in read.items()} == {
+        "bare": "no txt member and no caption in json", "jsonnocap": "no txt member and no caption in json",
+        "emptytxt": "the txt member is empty", "emptyjson": "the json caption is empty"}
