@@ -29,7 +29,9 @@ Specs = Annotated[
 ]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output directory (one .tar, .parquet and _stats.json "
                                    "per input shard). Rerunning the same command resumes.", rich_help_panel=RUN)]
-Overwrite = Annotated[bool, typer.Option(help="Delete capfilt's files in --out first.", rich_help_panel=RUN)]
+Overwrite = Annotated[bool, typer.Option(help="Delete the files of the capfilt run in --out first (the shards its "
+                                         "capfilt_run.json names: .tar, .parquet, _stats.json), nothing else.",
+                                         rich_help_panel=RUN)]
 BatchSize = Annotated[int, typer.Option(help="Images per model batch.", rich_help_panel=RUN)]
 Workers = Annotated[int, typer.Option(help="DataLoader workers decoding images (0: in the main process).",
                                       rich_help_panel=RUN)]

@@ -18,6 +18,7 @@ import json
 import multiprocessing
 import os
 import queue
+import shutil
 import socket
 import time
 import uuid
@@ -25,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from capfilt.errors import CapfiltError
-from capfilt.writer import CLAIMS, stats_path
+from capfilt.writer import CLAIMS, OVERWRITE_ALONE, stats_path
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,14 @@ class Claims:
         except FileNotFoundError:
             pass
 
-    def close(self) -> None:
-        for directory in (self.dir, self.dir.parent):  # only when empty: a dead process's claims stay, harmlessly
+    def close(self, job_done: bool = False) -> None:
+        """Drop this attempt's claim directory once empty. When every shard of the output is done (`job_done`),
+        the claims that killed processes of this or earlier attempts left go too: none can matter any more, and a
+        finished output holds only outputs. Otherwise they stay, harmlessly."""
+        if job_done:
+            shutil.rmtree(self.dir.parent, ignore_errors=True)  # a peer still claiming remakes what it needs
+            return
+        for directory in (self.dir, self.dir.parent):
             try:
                 directory.rmdir()
             except OSError:
@@ -156,7 +163,7 @@ def run_job(config, captioner_config=None, scorer_config=None, selection=None, p
     if current_rank().world_size > 1:
         raise CapfiltError("--processes is for a single launch; under torchrun / accelerate / srun leave it at 1")
     if config.overwrite:
-        raise CapfiltError("--overwrite with --processes: clear the output directory first, then run")
+        raise CapfiltError(OVERWRITE_ALONE)
     env = {"CAPFILT_JOB_ID": f"local-{uuid.uuid4().hex}", "WORLD_SIZE": str(processes)}
     context = multiprocessing.get_context("spawn")  # CUDA and fork do not mix
     results = context.Queue()

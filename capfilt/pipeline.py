@@ -28,7 +28,8 @@ from capfilt.reader import Batch, Sample, ShardEnd, ShardStream
 from capfilt.scorer import Scorer
 from capfilt.selection import SelectionConfig, select, unique_candidates
 from capfilt.text import clean_caption
-from capfilt.writer import DROPPED, ERROR, OK, ShardWriter, prepare_output, stats_path
+from capfilt.writer import (DROPPED, ERROR, OK, OVERWRITE_ALONE, ShardWriter, all_done, check_apart_from_inputs,
+                            prepare_output, stats_path)
 
 
 @dataclass(frozen=True)
@@ -92,11 +93,14 @@ def run(
     me = current_rank()
     job = job_id(me)  # first: agreeing on it may need every process, so none may fail or return before
     if config.overwrite and me.world_size > 1:
-        raise CapfiltError("--overwrite with several processes: clear the output directory first, then run")
-    prepare_output(out, _settings(config, captioner, scorer, selection), config.overwrite)
+        raise CapfiltError(OVERWRITE_ALONE)
+    check_apart_from_inputs(out, [Path(p) for p in map(reader.local_file, urls) if p is not None])
+    names = [reader.shard_name(u) for u in urls]
+    prepare_output(out, _settings(config, captioner, scorer, selection), config.overwrite, names)
     todo = [u for u in urls if not stats_path(out, reader.shard_name(u)).exists()]
     summary = RunSummary(out=str(out), shards_total=len(urls), shards_skipped=len(urls) - len(todo))
     if not todo:
+        Claims(out, job).close(job_done=all_done(out))
         return summary
 
     transforms, captioner_key, scorer_key = shared_transforms(captioner, scorer)
@@ -134,7 +138,7 @@ def run(
         for shard in open_shards.values():  # interrupted: leave no half-written shard behind
             shard.writer.abort()
             claims.release(shard.writer.shard)
-        claims.close()
+        claims.close(job_done=all_done(out))
         view.close()
     summary.duration_s = time.perf_counter() - started
     return summary

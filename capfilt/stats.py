@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from capfilt.errors import CapfiltError
-from capfilt.writer import MANIFEST, STATS_SUFFIX, TMP_SUFFIX
+from capfilt.writer import MANIFEST, recorded_shards, shard_files, stats_path
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -38,12 +38,14 @@ def summarize(out: Path) -> OutputReport:
     if not out.is_dir():
         raise CapfiltError(f"{out} is not a directory")
     report = OutputReport(out=str(out))
-    if not (out / MANIFEST).exists():
+    shards = recorded_shards(out)  # the manifest's, not every *_stats.json: other files there are not ours
+    if shards is None:
         raise CapfiltError(f"{out} holds no capfilt output (no {MANIFEST})")
-    stats_files = sorted(out.glob(f"*{STATS_SUFFIX}"))
     done = set()
     web_scores, synthetic_scores = [], []
-    for path in stats_files:
+    for path in (stats_path(out, shard) for shard in shards):
+        if not path.exists():
+            continue
         stats = json.loads(path.read_text())
         done.add(stats["shard"])
         report.shards_done += 1
@@ -60,8 +62,8 @@ def summarize(out: Path) -> OutputReport:
     report.web_scored, report.synthetic_scored = len(web_scores), len(synthetic_scores)
     report.web_score_quantiles = _quantiles(web_scores)
     report.synthetic_score_quantiles = _quantiles(synthetic_scores)
-    leftovers = {p.name.split(".")[0] for p in out.iterdir() if p.name.endswith((".tar", TMP_SUFFIX))}
-    report.shards_unfinished = sorted(leftovers - done - {MANIFEST.split(".")[0]})
+    report.shards_unfinished = sorted(s for s in shards if s not in done
+                                      and any((out / name).exists() for name in shard_files(s)))
     return report
 
 

@@ -1,12 +1,14 @@
 """Shard writer and output-directory bookkeeping: atomic output shards, per-sample parquet, stats written last.
 
-For an input shard NAME, the output directory gets NAME.tar (kept samples), NAME.parquet (one row per input
-sample) and NAME_stats.json. Each is written under a `.tmp` name and renamed; the stats file is renamed last,
-so its presence means the shard is complete (img2dataset's resume rule) and anything else is redone.
+For an input shard NAME, the output directory gets NAME.tar (kept samples; none when nothing is kept),
+NAME.parquet (one row per input sample) and NAME_stats.json. Each is written under a `.tmp` name, made durable
+and renamed; the stats file comes last, so its presence means the shard is complete (img2dataset's resume rule)
+and anything else is redone. The manifest names every shard a run may write: the only files `--overwrite` deletes.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -41,50 +43,120 @@ ROW_SCHEMA = pa.schema(
     ]
 )
 OK, DROPPED, ERROR = "ok", "dropped", "error"
+OVERWRITE_ALONE = ("--overwrite needs a single process (several would delete each other's new files): run it "
+                   "once without a launcher or --processes, or give a new --out")
 
 
 def stats_path(out: Path, shard: str) -> Path:
     return out / f"{shard}{STATS_SUFFIX}"
 
 
-def _ours(name: str) -> bool:
-    return name == MANIFEST or name.endswith((".tar", ".parquet", STATS_SUFFIX, TMP_SUFFIX))
+def shard_files(shard: str) -> list[str]:
+    """The names capfilt writes for a shard, temporary ones included."""
+    names = [f"{shard}.tar", f"{shard}.parquet", f"{shard}{STATS_SUFFIX}"]
+    return names + [name + TMP_SUFFIX for name in names]
 
 
-def prepare_output(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
-    """Create or reopen an output directory. A directory holding a run with the same settings is resumed;
-    anything else there is refused unless `overwrite`, which deletes capfilt's files (and only those)."""
+def recorded_shards(out: Path) -> list[str] | None:
+    """The shards the manifest says runs in `out` may have written; None when `out` holds no capfilt run."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None
+    if "shards" not in manifest:  # written before the manifest named its shards: those with a stats file
+        return sorted(p.name[: -len(STATS_SUFFIX)] for p in out.glob(f"*{STATS_SUFFIX}"))
+    return manifest["shards"]
+
+
+def check_apart_from_inputs(out: Path, inputs: list[Path]) -> None:
+    """Refuse an --out that is, or holds, the directory of an input shard: outputs would mix with the inputs."""
+    target = out.resolve()
+    for path in inputs:
+        folder = path.resolve().parent
+        if folder == target or target in folder.parents:
+            raise CapfiltError(f"--out {out} holds the input shard {path}: give the output a directory of its own")
+
+
+def prepare_output(out: Path, settings: dict[str, Any], overwrite: bool, shards: list[str]) -> None:
+    """Create or reopen an output directory for a run over `shards`. A directory holding a run with the same
+    settings is resumed; one with other settings is refused unless `overwrite`, which deletes the files that run
+    wrote (those its manifest names, and only those). Anything else is refused, so that no file of the user's is
+    deleted or replaced."""
     out.mkdir(parents=True, exist_ok=True)
-    manifest = out / MANIFEST
-    if overwrite:
-        for path in out.iterdir():
-            if path.is_file() and _ours(path.name):
-                path.unlink()
-            elif path.name == CLAIMS:
-                shutil.rmtree(path, ignore_errors=True)
-    else:
-        others = [p for p in out.iterdir() if p.name != CLAIMS and not p.name.endswith(TMP_SUFFIX)]
-        if manifest.exists():  # also when another process of the job wrote it since this one looked
-            previous = json.loads(manifest.read_text()).get("settings", {})
-            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-            if changed:
-                raise CapfiltError(
-                    f"{out} holds a run with other settings ({', '.join(changed)}): use --overwrite or another --out"
-                )
-            return
-        if others:
-            raise CapfiltError(f"{out} is not empty and holds no capfilt run: use --overwrite or another --out")
-    # Every process of a job may get here at once; each writes the same bytes through its own temporary file.
-    _atomic_write(manifest, json.dumps({"settings": settings}, indent=2).encode(), unique=True)
+    # Listed before the manifest is read: a peer may write it (then its first shards) in between, and this
+    # process then joins its run instead of calling the directory foreign.
+    listing = {p.name for p in out.iterdir()}
+    recorded = recorded_shards(out)
+    if recorded is not None and not overwrite:
+        previous = json.loads((out / MANIFEST).read_text()).get("settings", {})
+        changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+        if changed:
+            raise CapfiltError(
+                f"{out} holds a run with other settings ({', '.join(changed)}): rerun with its settings to resume "
+                f"it, choose another --out, or add --overwrite to delete that run's {len(recorded)} shard(s) "
+                "(their .tar, .parquet and _stats.json files) and start again"
+            )
+    elif recorded is None and any(name != CLAIMS and not name.endswith(TMP_SUFFIX) for name in listing):
+        raise CapfiltError(f"{out} is not empty and holds no capfilt run: choose another --out "
+                           "(--overwrite deletes only the files of a capfilt run)")
+    new = sorted(set(shards) - set(recorded or []))
+    foreign = [name for shard in new for name in shard_files(shard)[:3] if name in listing]
+    if foreign:
+        raise CapfiltError(f"{out} holds {foreign[0]}, which no capfilt run there wrote: choose another --out")
+    if recorded is not None and overwrite:
+        _delete_run(out, recorded)
+        recorded = None
+    if new or recorded is None:
+        # Every process of a job may get here at once; each writes the same bytes through its own temporary file.
+        manifest = {"settings": settings, "shards": sorted(set(shards) | set(recorded or []))}
+        atomic_write(out / MANIFEST, json.dumps(manifest, indent=2).encode(), unique=True)
 
 
-def _atomic_write(path: Path, data: bytes, unique: bool = False) -> None:
+def _delete_run(out: Path, shards: list[str]) -> None:
+    names = {MANIFEST} | {name for shard in shards for name in shard_files(shard)}
+    for path in out.iterdir():
+        manifest_tmp = path.name.startswith(MANIFEST + ".") and path.name.endswith(TMP_SUFFIX)
+        if path.is_file() and (path.name in names or manifest_tmp):
+            path.unlink()
+    shutil.rmtree(out / CLAIMS, ignore_errors=True)
+
+
+def all_done(out: Path) -> bool:
+    """Every shard the output's runs took on has its stats file."""
+    shards = recorded_shards(out)
+    return shards is not None and all(stats_path(out, shard).exists() for shard in shards)
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Rename a finished temporary file into place durably: its data reaches the disk before its name does, and
+    its name (the directory entry) before anything written later, such as a stats file vouching for it."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    sync_dir(path.parent)
+
+
+def sync_dir(directory: Path) -> None:
+    """Make renames and deletions in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):  # a filesystem that cannot sync dirs
+            raise
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, unique: bool = False) -> None:
+    """Write `data` to `path` through a temporary file (per process when `unique`) and `publish` it."""
     tmp = path.with_name(path.name + (f".{os.getpid()}" if unique else "") + TMP_SUFFIX)
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 @dataclass
@@ -110,12 +182,14 @@ class ShardWriter:
         self.out, self.shard = out, shard
         self.tar_path = out / f"{shard}.tar"
         self._tar_tmp = out / f"{shard}.tar{TMP_SUFFIX}"
-        self._tar = wds.TarWriter(str(self._tar_tmp), encoder=False, mtime=TAR_MTIME)
+        self._tar: wds.TarWriter | None = None  # opened by the first kept sample: a shard keeping none has no tar
         self._rows: list[dict[str, Any]] = []
         self.stats = ShardStats()
 
     def write_sample(self, key: str, image: bytes, image_ext: str, caption: str, meta: dict[str, Any]) -> None:
         """The image bytes go out exactly as they came in; `meta` is the json member."""
+        if self._tar is None:
+            self._tar = wds.TarWriter(str(self._tar_tmp), encoder=False, mtime=TAR_MTIME)
         self._tar.write(
             {
                 "__key__": key,
@@ -129,16 +203,22 @@ class ShardWriter:
         self._rows.append({name: row.get(name) for name in ROW_SCHEMA.names})
 
     def commit(self, extra_stats: dict[str, Any]) -> dict[str, Any]:
-        self._tar.close()
-        os.replace(self._tar_tmp, self.tar_path)
+        if self._tar is not None:
+            self._tar.close()
+            publish(self._tar_tmp, self.tar_path)
+        else:
+            # No empty tar (readers such as `datasets` fail on one), and none left by an earlier attempt.
+            for stale in (self._tar_tmp, self.tar_path):
+                stale.unlink(missing_ok=True)
         table = pa.Table.from_pylist(self._rows, schema=ROW_SCHEMA)
         parquet_tmp = self.out / f"{self.shard}.parquet{TMP_SUFFIX}"
         pq.write_table(table, parquet_tmp)
-        os.replace(parquet_tmp, self.out / f"{self.shard}.parquet")
+        publish(parquet_tmp, self.out / f"{self.shard}.parquet")  # its directory sync covers the unlinks too
         stats = {"shard": self.shard, **self.stats.__dict__, **extra_stats}
-        _atomic_write(stats_path(self.out, self.shard), json.dumps(stats, indent=2).encode())
+        atomic_write(stats_path(self.out, self.shard), json.dumps(stats, indent=2).encode())
         return stats
 
     def abort(self) -> None:
-        self._tar.close()
+        if self._tar is not None:
+            self._tar.close()
         self._tar_tmp.unlink(missing_ok=True)

@@ -53,8 +53,9 @@ def test_bootstrap_writes_clean_shards_and_accounts_for_every_sample(shards, tmp
         stats = read_json(out / f"{name}_stats.json")
         rows = pq.read_table(out / f"{name}.parquet").to_pylist()
         total_rows += len(rows)
-        members = tar_members(out / f"{name}.tar")
         kept_keys = {r["key"] for r in rows if r["status"] == "ok"}
+        assert (out / f"{name}.tar").exists() == bool(kept_keys)  # a shard that keeps nothing has no tar
+        members = tar_members(out / f"{name}.tar") if kept_keys else []
         assert {m.split(".")[0] for m, _ in members} == kept_keys
         assert stats["written"] == len(kept_keys)
         assert stats["dropped"] == sum(r["status"] == "dropped" for r in rows)
@@ -80,8 +81,11 @@ def test_bootstrap_writes_clean_shards_and_accounts_for_every_sample(shards, tmp
 
     bad = {r["key"]: r for r in pq.read_table(out / "part-00001.parquet").to_pylist()}
     assert {k: r["reason"] for k, r in bad.items() if r["status"] == "error"} == {
-        "corrupt": "corrupt_image", "truncjpg": "corrupt_image", "nocaption": "missing_caption",
-        "latin1": "caption_not_utf8", "noimage": "no_image"}
+        "corrupt": "corrupt_image", "truncjpg": "corrupt_image", "latin1": "caption_not_utf8", "noimage": "no_image"}
+    image_only = bad["nocaption"]  # no web caption: scored on its synthetic captions alone
+    assert image_only["web_caption"] is None and image_only["web_score"] is None
+    assert len(image_only["synthetic_scores"]) == len(image_only["synthetic_captions"]) >= 1
+    assert image_only["detail"] == "no txt member and no caption in json"
     trunc = pq.read_table(out / "part-00002.parquet").to_pylist()
     assert trunc[-1]["key"] == "" and trunc[-1]["reason"] == "truncated_tar"
     assert any(r["status"] != "error" for r in trunc)
@@ -185,7 +189,7 @@ def test_stats_command_summarises_output(shards, tmp_path, tiny_models):
     assert result.exit_code == 0
     total = sum(read_json(p)["read"] for p in out.glob("*_stats.json"))
     assert f"samples read     {total}" in result.output
-    for reason in ("corrupt_image", "missing_caption", "truncated_tar", "no_image"):
+    for reason in ("corrupt_image", "caption_not_utf8", "truncated_tar", "no_image"):
         assert reason in result.output
     assert "synthetic score  p5=" in result.output
 
@@ -360,3 +364,227 @@ def test_captioner_and_filter_on_one_frozen_tower_run_it_once_per_batch(shards, 
     assert separate.written == shared.written > 0
     assert _outputs(tmp_path / "separate") == _outputs(tmp_path / "shared")
     assert _counts(tmp_path / "separate") == _counts(tmp_path / "shared")
+
+
+# ------------------------------------------------------------------------------------------------ user data
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_out_holding_the_input_shards_is_refused_and_nothing_is_touched(shards, tmp_path, tiny_models,
+                                                                           overwrite):
+    """img2dataset's folder as --out (itself, or a folder above it): refused before anything is written."""
+    before = _snapshot(tmp_path)
+    flag = ["--overwrite"] if overwrite else []
+    for out in (shards, tmp_path):
+        result = cli(*bootstrap_args(shards, out, tiny_models, *flag))
+        assert result.exit_code == 2
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and "holds the input shard" in lines[0], result.output
+    assert _snapshot(tmp_path) == before
+
+
+def test_overwrite_deletes_only_what_the_capfilt_run_wrote(shards, tmp_path, tiny_models):
+    out = tmp_path / "out"
+    assert cli(*bootstrap_args(shards / "part-00000.tar", out, tiny_models)).exit_code == 0
+    mine = {"notes.txt": b"my notes", "mine.tar": (shards / "part-00003.tar").read_bytes(),
+            "mine.parquet": b"not capfilt's", "mine_stats.json": b"{}"}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+
+    result = cli(*bootstrap_args(shards / "part-00003.tar", out, tiny_models, "--threshold", 0, "--overwrite"))
+    assert result.exit_code == 0, result.output
+    assert {name: (out / name).read_bytes() for name in mine} == mine
+    assert not (out / "part-00000_stats.json").exists() and not (out / "part-00000.parquet").exists()
+    assert (out / "part-00003_stats.json").exists()
+    assert read_json(out / "capfilt_run.json")["shards"] == ["part-00003"]
+
+    # A new input shard whose output names a file capfilt did not write: refused, the file kept.
+    (shards / "mine.tar").write_bytes((shards / "part-00000.tar").read_bytes())
+    for flag in ([], ["--overwrite"]):
+        result = cli(*bootstrap_args(shards / "mine.tar", out, tiny_models, "--threshold", 0, *flag))
+        assert result.exit_code == 2 and "holds mine.tar, which no capfilt run there wrote" in result.output
+    assert {name: (out / name).read_bytes() for name in mine} == mine
+
+
+def test_errors_that_name_overwrite_say_what_it_deletes(shards, tmp_path, tiny_models):
+    out, foreign = tmp_path / "out", tmp_path / "foreign"
+    assert cli(*bootstrap_args(shards, out, tiny_models)).exit_code == 0
+    changed = cli(*bootstrap_args(shards, out, tiny_models, "--threshold", 0.9))
+    assert changed.exit_code == 2
+    assert "--overwrite to delete that run's 4 shard(s) (their .tar, .parquet and _stats.json" in changed.output
+    foreign.mkdir()
+    (foreign / "00000.tar").write_bytes(b"someone's shard")
+    for flag in ([], ["--overwrite"]):
+        result = cli(*bootstrap_args(shards, foreign, tiny_models, *flag))
+        assert result.exit_code == 2 and "holds no capfilt run: choose another --out" in result.output
+    assert (foreign / "00000.tar").read_bytes() == b"someone's shard"
+
+
+# ------------------------------------------------------------------------------------------------ image-only
+
+
+@pytest.fixture
+def image_only(tmp_path) -> Path:
+    """img2dataset run without a caption column: jpg + json (caption null), and neighbours with empty captions."""
+    d = tmp_path / "images"
+    d.mkdir()
+    photos = demo_samples(5)
+    samples = [{"__key__": f"{i:09d}", "jpg": s["jpg"], "json": json.dumps({"url": f"http://x/{i}.jpg",
+               "caption": None, "status": "success"}).encode()} for i, s in enumerate(photos[:3])]
+    samples += [{"__key__": "emptytxt", "jpg": photos[3]["jpg"], "txt": b" "},
+                {**photos[4], "__key__": "captioned"}]
+    write_tar(d / "00000.tar", samples)
+    return d
+
+
+def test_caption_captions_image_only_samples_and_filter_scores_those_captions(image_only, tmp_path, tiny_models):
+    captioned, filtered, raw = tmp_path / "cap", tmp_path / "fil", tmp_path / "raw"
+    r = cli("caption", image_only, "--out", captioned, "--captioner", tiny_models["blip_captioner"],
+            "--num-captions", 2, "--workers", 0, "--quiet")
+    assert r.exit_code == 0, r.output
+    rows = {r["key"]: r for r in pq.read_table(captioned / "00000.parquet").to_pylist()}
+    assert all(r["status"] == "ok" for r in rows.values()) and len(rows) == 5
+    for key in ("000000000", "000000001", "000000002", "emptytxt"):
+        assert rows[key]["web_caption"] is None and rows[key]["synthetic_captions"]
+    assert rows["000000000"]["detail"] == "no txt member and no caption in json"
+    assert rows["emptytxt"]["detail"] == "the txt member is empty"
+    members = dict(tar_members(captioned / "00000.tar"))
+    meta = json.loads(members["000000000.json"])
+    assert meta["url"] == "http://x/0.jpg" and {c["source"] for c in meta["capfilt"]["candidates"]} == {"synthetic"}
+    assert members["000000000.txt"].decode() == rows["000000000"]["synthetic_captions"][0]
+
+    # filter on caption's output scores the synthetic captions; on the raw images it has nothing to score.
+    r = cli("filter", captioned, "--out", filtered, "--filter", tiny_models["blip_itm"], "--threshold", 0,
+            "--workers", 0, "--quiet")
+    assert r.exit_code == 0, r.output
+    rows = {r["key"]: r for r in pq.read_table(filtered / "00000.parquet").to_pylist()}
+    assert rows["000000000"]["status"] == "ok" and rows["000000000"]["web_caption"] is None
+    assert len(rows["000000000"]["synthetic_scores"]) == 2 and rows["000000000"]["kept_captions"]
+    r = cli("filter", image_only, "--out", raw, "--filter", tiny_models["blip_itm"], "--workers", 0, "--quiet")
+    assert r.exit_code == 0, r.output
+    rows = {r["key"]: r for r in pq.read_table(raw / "00000.parquet").to_pylist()}
+    assert {k: r["reason"] for k, r in rows.items() if r["status"] == "error"} == dict.fromkeys(
+        ["000000000", "000000001", "000000002", "emptytxt"], "missing_caption")
+    assert rows["000000000"]["detail"] == "no txt member and no caption in json: nothing to score"
+    assert rows["emptytxt"]["detail"] == "the txt member is empty: nothing to score"
+
+
+def test_duplicate_keys_write_the_first_sample_once(tmp_path, tiny_models):
+    a, b = demo_samples(2)
+    d = tmp_path / "in"
+    d.mkdir()
+    write_tar(d / "dup.tar", [a, b, {**a, "txt": b"a second sample under the first key"}])
+    out = tmp_path / "out"
+    r = cli("filter", d, "--out", out, "--filter", tiny_models["blip_itm"], "--threshold", 0, "--workers", 0,
+            "--quiet")
+    assert r.exit_code == 0, r.output
+    rows = pq.read_table(out / "dup.parquet").to_pylist()
+    assert [(r["key"], r["status"], r["reason"]) for r in rows] == [
+        (a["__key__"], "ok", None), (b["__key__"], "ok", None), (a["__key__"], "error", "duplicate_key")]
+    members = [m for m, _ in tar_members(out / "dup.tar")]
+    assert members.count(f"{a['__key__']}.jpg") == 1
+    assert dict(tar_members(out / "dup.tar"))[f"{a['__key__']}.txt"] == a["txt"].strip()
+    assert read_json(out / "dup_stats.json")["errors"] == {"duplicate_key": 1}
+
+
+# ------------------------------------------------------------------------------------------------ readers
+
+
+def test_shards_that_keep_nothing_leave_no_tar_and_datasets_loads_the_output(tmp_path, tiny_models, monkeypatch):
+    """`datasets` fails on an empty tar that sorts first; a shard keeping nothing has a parquet and stats only."""
+    d = tmp_path / "in"
+    d.mkdir()
+    write_tar(d / "a-000.tar", [{"__key__": f"x{i}", "txt": b"a caption without its image"} for i in range(3)])
+    write_tar(d / "b-001.tar", demo_samples(4))
+    write_tar(d / "c-002.tar", [{**s, "jpg": b"not a jpeg"} for s in demo_samples(2, start=4)])
+    out = tmp_path / "out"
+    args = ["filter", d, "--out", out, "--filter", tiny_models["blip_itm"], "--threshold", 0, "--workers", 0,
+            "--quiet"]
+    assert cli(*args).exit_code == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == ["b-001.tar"]
+    assert read_json(out / "a-000_stats.json")["errors"] == {"no_image": 3}
+    assert len(pq.read_table(out / "c-002.parquet")) == 2
+
+    # An attempt killed after renaming its tar, redone keeping nothing: the stale tar goes.
+    (out / "a-000_stats.json").unlink()
+    (out / "a-000.tar").write_bytes((d / "b-001.tar").read_bytes())
+    assert "1 shards done, 2 already done" in cli(*args).output
+    assert sorted(p.name for p in out.glob("*.tar")) == ["b-001.tar"]
+
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    ds = datasets.load_dataset("webdataset", data_files={"train": str(out / "*.tar")}, split="train",
+                               cache_dir=str(tmp_path / "c"))
+    assert sorted(ds["__key__"]) == sorted(s["__key__"] for s in demo_samples(4))
+
+
+# ------------------------------------------------------------------------------------------------ durability
+
+
+def test_every_file_a_stats_file_vouches_for_is_durable_before_it(shards, tmp_path, tiny_models, monkeypatch):
+    """After a power loss a shard marked done must have its data: each .tar and .parquet is fsynced, renamed and
+    its directory fsynced before the stats file that vouches for it is renamed into place."""
+    import os
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "out"
+    assert cli("filter", shards, "--out", out, "--filter", tiny_models["blip_itm"], "--threshold", 0, "--workers", 0,
+               "--quiet").exit_code == 0
+    monkeypatch.setattr(os, "replace", real_replace)
+    for stats in sorted(out.glob("*_stats.json")):
+        shard = stats.name[: -len("_stats.json")]
+        vouched = [out / f"{shard}.parquet"] + ([out / f"{shard}.tar"] if read_json(stats)["written"] else [])
+        done = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(stats))
+        for path in vouched + [stats]:
+            renamed = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(path))
+            tmp = events[renamed][1]
+            assert ("fsync", tmp) in events[:renamed], f"{path.name} renamed before its data was synced"
+            dir_synced = [i for i, e in enumerate(events) if e == ("fsync", str(out.resolve())) and i > renamed]
+            assert dir_synced, f"{path.name}: directory never synced after the rename"
+            if path != stats:
+                assert dir_synced[0] < done, f"{path.name}: its name may not survive a crash that keeps the stats"
+
+
+# ------------------------------------------------------------------------------------------------ claims
+
+
+def test_a_finished_job_leaves_no_claims_of_dead_attempts(shards, tmp_path, stages, monkeypatch):
+    out = tmp_path / "out"
+    real_process, calls = pipeline._process, []
+
+    def dies_on_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_process(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_process", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        _run(shards, out, stages)
+    monkeypatch.setattr(pipeline, "_process", real_process)
+    # What a SIGKILLed attempt leaves (no finally runs): its claim on the shard it was writing.
+    dead = out / ".claims" / "torchrun-first-0"
+    dead.mkdir(parents=True)
+    (dead / "part-00003").write_text(json.dumps({"host": "node1", "pid": 12345, "time": 0}))
+    (out / "part-00003.tar.tmp").write_bytes(b"half a tar")
+
+    _run(shards, out, stages)
+    names = sorted(p.name for p in out.iterdir())
+    assert ".claims" not in names and not [n for n in names if n.endswith(".tmp")]
+    assert all(n == "capfilt_run.json" or n.endswith((".tar", ".parquet", "_stats.json")) for n in names), names

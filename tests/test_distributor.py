@@ -82,10 +82,10 @@ def test_a_rank_that_meets_a_peers_fresh_manifest_joins_the_run(tmp_path, monkey
         return iter(listing + [out / MANIFEST])
 
     monkeypatch.setattr(Path, "iterdir", listing_then_peer_writes)
-    prepare_output(out, settings, overwrite=False)
+    prepare_output(out, settings, overwrite=False, shards=["part-00000"])
     monkeypatch.setattr(Path, "iterdir", real_iterdir)
     with pytest.raises(CapfiltError, match="other settings"):
-        prepare_output(out, {"batch_size": 4}, overwrite=False)
+        prepare_output(out, {"batch_size": 4}, overwrite=False, shards=["part-00000"])
 
 
 def test_job_id_comes_from_the_launcher(monkeypatch):
@@ -102,6 +102,26 @@ def test_job_id_comes_from_the_launcher(monkeypatch):
     assert current_rank() == Rank(1, 2, 0) and job_id(current_rank()) == "torchrun-abc-1"
     monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
     assert job_id(current_rank()) == "torchrun-abc-1-requeue3"
+
+
+def test_each_process_takes_the_gpu_of_its_launchers_local_rank(monkeypatch):
+    """torchrun / accelerate / --processes set LOCAL_RANK; plain `srun` (one task per GPU) only SLURM_LOCALID."""
+    import torch
+
+    from capfilt.checkpoint import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    for var in ("LOCAL_RANK", "SLURM_LOCALID"):
+        monkeypatch.delenv(var, raising=False)
+    assert str(resolve_device("cuda")) == "cuda"
+    monkeypatch.setenv("SLURM_LOCALID", "2")
+    assert str(resolve_device("cuda")) == str(resolve_device("auto")) == "cuda:2"
+    monkeypatch.setenv("SLURM_LOCALID", "5")  # more tasks than visible GPUs: they share round-robin
+    assert str(resolve_device("cuda")) == "cuda:1"
+    monkeypatch.setenv("LOCAL_RANK", "3")  # torchrun started under srun: its own local rank counts
+    assert str(resolve_device("cuda")) == "cuda:3"
+    assert str(resolve_device("cuda:0")) == "cuda:0" and str(resolve_device("cpu")) == "cpu"
 
 
 def _free_port() -> int:
@@ -158,6 +178,7 @@ def test_a_killed_rank_leaves_a_job_that_a_restart_completes(shards, tmp_path, t
         assert rank.wait(timeout=300) == 0, rank.stderr.read().decode()[-2000:]
     assert _outputs(out) == _outputs(reference)
     assert not list(out.glob("*.tmp"))
+    assert not (out / ".claims").exists()  # the killed attempt's claim went when the job finished
 
 
 def test_torchrun_without_a_run_id_agrees_on_one_job(shards, tmp_path, tiny_models):
