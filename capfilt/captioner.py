@@ -91,15 +91,15 @@ class Captioner:
                                         subfolder=LLM_TOKENIZER if self.is_capfilt and self.uses_llm else "")
         if not self.uses_llm and config.sampling == "beam":
             raise CapfiltError(f"captioner {config.model!r} is a stage-1 Q-Former: it captions with nucleus or greedy")
-        self.image_transform: ImageTransform = load_image_transform(
-            config.model, self.model.config.vision_config.image_size
-        )
+        self.image_transform: ImageTransform = load_image_transform(config.model, self.model.config.vision_config)
         # capfilt models caption after the prompt they were trained with (stage 1's ITG decoder: none).
         own = (self.model.config.prompt if self.uses_llm else "") if self.is_capfilt else PROMPTS[self.kind]
         self.prompt = own if config.prompt is None else config.prompt
         if self.uses_llm and self.kind != "blip":  # BLIP's WordPiece ignores the space; an LLM's BPE would not
             self.prompt = self.prompt.rstrip()
         self.prefix = self._prompt_prefix()
+        text_config = getattr(self.model.config, "text_config", None)
+        self.encoder_decoder = self.kind != "blip" and bool(getattr(text_config, "is_encoder_decoder", False))
         self.instruction = None  # InstructBLIP: the prompt in the Q-Former's own tokens, which it reads too
         if self.kind == "instructblip":
             self.instruction = list(load_tokenizer(config.model, "captioner", "qformer_tokenizer")(self.prompt).input_ids)
@@ -117,9 +117,14 @@ class Captioner:
         if self.is_capfilt:
             return list(ids) if self.uses_llm else [self.model.config.decoder_token_id] + list(ids[1:-1])
         if self.kind in ("blip-2", "instructblip"):
-            if getattr(self.model.config, "image_token_index", None) is None:
+            image_token = getattr(self.model.config, "image_token_index", None)
+            if image_token is None:
                 raise CapfiltError(f"captioner {self.config.model!r}: its config.json lacks image_token_index "
                                    "(the id of the <image> token), which transformers 5 needs")
+            rows = self.model.get_input_embeddings().num_embeddings
+            if not 0 <= image_token < rows:
+                raise CapfiltError(f"captioner {self.config.model!r}: image_token_index {image_token} has no row "
+                                   f"in its LLM's {rows} embeddings: use the checkpoint's current Hub revision")
             return list(ids)
         return [self.model.config.text_config.bos_token_id] + list(ids[1:-1])
 
@@ -130,7 +135,8 @@ class Captioner:
         if seed is not None:
             torch.manual_seed(seed)
         prefix = torch.tensor([self.prefix], device=self.device).repeat(batch, 1)
-        kwargs = self.config.generation_kwargs(prompt_tokens=len(self.prefix))
+        # The lengths count the prompt where the output holds it; an encoder-decoder LLM's output never does.
+        kwargs = self.config.generation_kwargs(prompt_tokens=0 if self.encoder_decoder else len(self.prefix))
         if self.is_capfilt:  # the queries go in as embeddings; only new tokens come back
             if not self.uses_llm:  # the ITG decoder ends a caption with [SEP]
                 kwargs.update(eos_token_id=self.tokenizer.sep_token_id, pad_token_id=self.tokenizer.pad_token_id)
@@ -143,7 +149,7 @@ class Captioner:
                 kwargs["qformer_input_ids"] = torch.tensor([self.instruction], device=self.device).repeat(batch, 1)
             out = self.model.generate(pixel_values, input_ids=input_ids, **kwargs)
             # Decoder-only LLMs echo the input ids; encoder-decoder ones (Flan-T5) return only new tokens.
-            if not self.model.config.text_config.is_encoder_decoder:
+            if not self.encoder_decoder:
                 out = out[:, input_ids.shape[1] :]
         else:
             # HF BLIP's generate replaces position 0 with [DEC] and drops the last position (the [SEP]).

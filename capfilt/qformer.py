@@ -390,7 +390,7 @@ def vision_image_processor(name: str, tower: PreTrainedModel):
     """The preprocessing the tower was trained with, saved into every run directory."""
     if isinstance(tower, efficientnet.EfficientNetLiteModel):
         return efficientnet.image_processor(tower.config)
-    return load_image_transform(name, tower.config.image_size).processor
+    return load_image_transform(name, tower.config).processor
 
 
 def qformer_tokenizer(name: str):

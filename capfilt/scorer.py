@@ -34,7 +34,7 @@ class ScorerConfig:
             raise CapfiltError("--max-text-length must be at least 2")
 
 
-def enc_token_id(tokenizer, text_config) -> int:
+def enc_token_id(tokenizer, text_config, name: str = "") -> int:
     """The id of BLIP's `[ENC]` token. BLIP's tokenizer is bert-base-uncased plus `[DEC]` (bos) and `[ENC]`, in
     that order (ids 30522 and 30523); the Hub's BLIP tokenizers ship plain bert-base-uncased, without either,
     while the embedding matrix keeps both rows: `[DEC]` is the config's bos id and `[ENC]` the row after it."""
@@ -48,8 +48,8 @@ def enc_token_id(tokenizer, text_config) -> int:
     if dec is not None and len(tokenizer) <= dec + 1 < text_config.vocab_size:
         return dec + 1
     raise CapfiltError(
-        f"filter tokenizer ({len(tokenizer)} tokens) has no {ENC_TOKEN} token, and the model's text embeddings "
-        f"({text_config.vocab_size} rows, [DEC] = {dec}) leave no row for one after [DEC]: not a BLIP ITM checkpoint?"
+        f"filter {name!r}: its tokenizer ({len(tokenizer)} tokens) has no {ENC_TOKEN} token, and its text embeddings "
+        f"({text_config.vocab_size} rows, [DEC] = {dec}) have no row for one after [DEC], as BLIP's ITM models do"
     )
 
 
@@ -69,10 +69,8 @@ class Scorer:
             self.model.config.max_text_length if self.is_capfilt else 32 if self.is_blip2 else 35)
         self.first_token = None
         if not (self.is_blip2 or self.is_capfilt):
-            self.first_token = enc_token_id(self.tokenizer, self.model.config.text_config)
-        self.image_transform: ImageTransform = load_image_transform(
-            config.model, self.model.config.vision_config.image_size
-        )
+            self.first_token = enc_token_id(self.tokenizer, self.model.config.text_config, config.model)
+        self.image_transform: ImageTransform = load_image_transform(config.model, self.model.config.vision_config)
 
     @property
     def device(self) -> torch.device:

@@ -88,7 +88,7 @@ def test_the_prompt_is_removed_for_every_tokenizer_kind(hub, images, name):
     model = HF_CLASSES[captioner.kind].from_pretrained(hub[name]).eval()
     processor = AutoProcessor.from_pretrained(hub[name])
     inputs = processor(images=images, text=[captioner.prompt] * len(images), return_tensors="pt")
-    kwargs = captioner.config.generation_kwargs(prompt_tokens=len(captioner.prefix))
+    kwargs = captioner.config.generation_kwargs(prompt_tokens=0 if captioner.encoder_decoder else len(captioner.prefix))
     with torch.no_grad():
         out = model.generate(**inputs, **kwargs)
     if captioner.kind == "blip":  # BLIP returns [DEC] and the prompt before the caption
@@ -98,6 +98,24 @@ def test_the_prompt_is_removed_for_every_tokenizer_kind(hub, images, name):
     theirs = [[t.strip().split("\n")[0].strip()] for t in processor.batch_decode(out, skip_special_tokens=True)]
     assert ours == theirs
     assert all(caption for captions in ours for caption in captions)
+
+
+@pytest.mark.parametrize("name,prompt_in_output", [("instructblip_t5", False), ("instructblip_llama", True),
+                                                    ("blip2_captioner", True)])
+def test_lengths_count_the_prompt_only_where_the_output_holds_it(hub, images, name, prompt_in_output, monkeypatch):
+    """--min-length 10 --max-length 30 mean 10..30 caption tokens behind Flan-T5, whose output holds no prompt."""
+    captioner = Captioner(CaptionerConfig(model=hub[name], sampling="greedy"))
+    seen = {}
+    real = captioner.model.generate
+
+    def generate(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(captioner.model, "generate", generate)
+    captioner(captioner.image_transform(images[:1]), seed=0)
+    prompt = len(captioner.prefix) if prompt_in_output else 0
+    assert (seen["min_new_tokens"], seen["max_new_tokens"]) == (max(0, 10 - prompt), 30 - prompt)
 
 
 def _old_processor(hub, tmp_path, size) -> str:
@@ -116,7 +134,7 @@ def test_an_older_processor_file_gives_the_towers_square(hub, tmp_path):
     assert len(captioner(pixels, seed=0)[0]) == 1
 
 
-def test_a_transform_that_cannot_fit_the_tower_is_one_line(hub, tmp_path):
+def test_a_transform_that_cannot_fit_the_tower_is_one_line(hub, tmp_path, images):
     path = Path(_old_processor(hub, tmp_path, {"height": 384, "width": 384}))
     (path / "preprocessor_config.json").write_text(json.dumps(
         {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 224}, "crop_size": 224}))
@@ -128,6 +146,22 @@ def test_a_transform_that_cannot_fit_the_tower_is_one_line(hub, tmp_path):
     assert result.exit_code == 2, result.output
     assert "preprocessor_config.json" in result.output and "384x384" in result.output
     assert "Traceback" not in result.output and not isinstance(result.exception, RuntimeError)
+    assert 'set "size" and "crop_size" to {"height": 384, "width": 384}' in result.output
+    config = json.loads((path / "preprocessor_config.json").read_text())  # the fix it names, applied
+    square = {"height": 384, "width": 384}
+    (path / "preprocessor_config.json").write_text(json.dumps({**config, "size": square, "crop_size": square}))
+    assert tuple(Captioner(CaptionerConfig(model=str(path))).image_transform(images[:1]).shape) == (1, 3, 384, 384)
+
+
+def test_towers_that_interpolate_keep_their_own_crops(tmp_path):
+    """DINOv2 says image_size 518 but crops 224 and interpolates its position embeddings: not refused."""
+    from transformers import BitImageProcessor, Dinov2Config
+
+    from capfilt.checkpoint import load_image_transform
+
+    BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}).save_pretrained(tmp_path)
+    transform = load_image_transform(str(tmp_path), Dinov2Config(image_size=518))
+    assert tuple(transform([Image.new("RGB", (640, 384))]).shape) == (1, 3, 224, 224)
 
 
 PAIRS = [("blip_captioner", "blip_itm"), ("blip2_captioner", "blip2_itm"), ("instructblip_t5", "blip_itm"),
