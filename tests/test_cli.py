@@ -217,23 +217,28 @@ def _run(shards, out, stages, workers=0):
     return run(config, captioner=stages[0], scorer=stages[1], selection=SelectionConfig(threshold=0.55))
 
 
+def _run_killed_at_batch(n: int, shards, out, stages, monkeypatch) -> None:
+    """A run interrupted as its n-th batch starts (Ctrl-C: the finally blocks run)."""
+    real_process, calls = pipeline._process, []
+
+    def dies_on_nth_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real_process(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_process", dies_on_nth_batch)
+    with pytest.raises(KeyboardInterrupt):
+        _run(shards, out, stages)
+    monkeypatch.setattr(pipeline, "_process", real_process)
+
+
 def test_interrupted_run_resumes_to_the_uninterrupted_output(shards, tmp_path, stages, monkeypatch):
     reference = tmp_path / "reference"
     _run(shards, reference, stages)
 
     out = tmp_path / "resumed"
-    real_process, calls = pipeline._process, []
-
-    def dies_on_fifth_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real_process(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "_process", dies_on_fifth_batch)
-    with pytest.raises(KeyboardInterrupt):
-        _run(shards, out, stages)
-    monkeypatch.setattr(pipeline, "_process", real_process)
+    _run_killed_at_batch(5, shards, out, stages, monkeypatch)
     done_before = {p.name for p in out.glob("*_stats.json")}
     assert 0 < len(done_before) < 4 and not list(out.glob("*.tmp"))
 
@@ -567,18 +572,7 @@ def test_every_file_a_stats_file_vouches_for_is_durable_before_it(shards, tmp_pa
 
 def test_a_finished_job_leaves_no_claims_of_dead_attempts(shards, tmp_path, stages, monkeypatch):
     out = tmp_path / "out"
-    real_process, calls = pipeline._process, []
-
-    def dies_on_third_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_process(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "_process", dies_on_third_batch)
-    with pytest.raises(KeyboardInterrupt):
-        _run(shards, out, stages)
-    monkeypatch.setattr(pipeline, "_process", real_process)
+    _run_killed_at_batch(3, shards, out, stages, monkeypatch)
     # What a SIGKILLed attempt leaves (no finally runs): its claim on the shard it was writing.
     dead = out / ".claims" / "torchrun-first-0"
     dead.mkdir(parents=True)
