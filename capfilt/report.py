@@ -445,7 +445,7 @@ def build_page(out: Path, result: _Scan) -> dict[str, Any]:
         gallery.append({"status": status, "title": title, "items": items, "total": bucket.seen})
     return {
         "out": str(out.resolve()), "settings": settings, "policy": selection.get("policy"),
-        "threshold": threshold, "keep_top": selection.get("keep_top"),
+        "threshold": selection.get("threshold"), "keep_top": selection.get("keep_top"),  # none: nothing filtered
         "captioner": (settings.get("captioner") or {}).get("model"),
         "filter": (settings.get("filter") or {}).get("model"), "selected_from": settings.get("selected_from"),
         "totals": totals, "errors": sorted(totals["errors"].items()), "error_total": sum(totals["errors"].values()),
