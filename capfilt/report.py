@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from capfilt.errors import CapfiltError
-from capfilt.writer import DROPPED, ERROR, MANIFEST, OK, STATS_SUFFIX, TMP_SUFFIX
+from capfilt.writer import DROPPED, ERROR, MANIFEST, OK, recorded_shards, shard_files, stats_path
 
 log = logging.getLogger(__name__)
 
@@ -112,16 +112,20 @@ class Sweep:
         self.roc_grid = np.linspace(0, 1, ROC_POINTS)
         self.noisy_scores, self.clean_scores = AtLeast(self.roc_grid), AtLeast(self.roc_grid)
 
-    def add(self, web_score: float, synthetic_scores: list[float], noisy: bool | None = None) -> None:
-        scores = [web_score, *synthetic_scores]
+    def add(self, web_score: float | None, synthetic_scores: list[float], noisy: bool | None = None) -> None:
+        """One scored sample; `web_score` None: an image-only sample (synthetic captions alone)."""
+        has_web = web_score is not None
+        scores = [web_score] * has_web + list(synthetic_scores)
+        if not scores:
+            return
         kept_up_to = effective_thresholds(scores, self.policy, self.keep_top)
         self.images += 1
-        self.web += 1
+        self.web += has_web
         self.synthetic += len(synthetic_scores)
         self.images_kept.add([max(scores)])  # the best-ranked caption is kept whenever it passes
-        self.web_kept.add([e for e in kept_up_to[:1] if e is not None])
-        self.synthetic_kept.add([e for e in kept_up_to[1:] if e is not None])
-        if noisy is not None:
+        self.web_kept.add([e for e in kept_up_to[:has_web] if e is not None])
+        self.synthetic_kept.add([e for e in kept_up_to[has_web:] if e is not None])
+        if noisy is not None and has_web:
             self.noisy += noisy
             self.clean += not noisy
             web_kept = [e for e in kept_up_to[:1] if e is not None]
@@ -202,7 +206,8 @@ def scan(out: Path, samples: int, seed: int) -> _Scan:
     """One streaming pass over the stats and parquet files of `out`."""
     if not out.is_dir():
         raise CapfiltError(f"{out} is not a directory")
-    if not (out / MANIFEST).exists():
+    shards = recorded_shards(out)  # the manifest's: other *_stats.json files there are not this run's
+    if shards is None:
         raise CapfiltError(f"{out} holds no capfilt output (no {MANIFEST})")
     settings = json.loads((out / MANIFEST).read_text()).get("settings", {})
     selection = settings.get("selection") or {}
@@ -216,7 +221,9 @@ def scan(out: Path, samples: int, seed: int) -> _Scan:
               "errors": {}}
     done = set()
     truth_found, misses = False, 0
-    for stats_file in sorted(out.glob(f"*{STATS_SUFFIX}")):
+    for stats_file in (stats_path(out, shard) for shard in sorted(shards)):
+        if not stats_file.exists():
+            continue
         stats = json.loads(stats_file.read_text())
         name = stats["shard"]
         done.add(name)
@@ -239,8 +246,8 @@ def scan(out: Path, samples: int, seed: int) -> _Scan:
         for batch in pq.ParquetFile(out / f"{name}.parquet").iter_batches(batch_size=BATCH_ROWS, columns=COLUMNS):
             for row in batch.to_pylist():
                 _add_row(result, hist, edges, name, row, truth.get(row["key"]))
-    result.unfinished = sorted({p.name.split(".")[0] for p in out.iterdir()
-                                if p.name.endswith((".tar", ".parquet", TMP_SUFFIX))} - done - {""})
+    result.unfinished = sorted(s for s in shards if s not in done
+                               and any((out / name).exists() for name in shard_files(s)))
     result.totals, result.hist = totals, hist
     result.totals["shards"] = len(done)
     return result
@@ -251,13 +258,14 @@ def _add_row(result: _Scan, hist, edges, shard: str, row: dict[str, Any], noisy:
     item = lambda: {"shard": shard, "noisy": noisy, **{k: row[k] for k in COLUMNS}}  # noqa: E731
     if status in result.buckets:
         result.buckets[status].offer(item)
-    if status == ERROR or row["web_score"] is None:
+    if status == ERROR or row["synthetic_scores"] is None:  # an error, or nothing scored (`capfilt caption`)
         return
-    synthetic = [s for s in row["synthetic_scores"] or [] if s is not None]
+    synthetic = [s for s in row["synthetic_scores"] if s is not None]
     result.sweep.add(row["web_score"], synthetic, noisy)
     kept = set(row["kept_captions"] or [])
-    web_bin = min(int(np.searchsorted(edges, row["web_score"], side="right")) - 1, HIST_BINS - 1)
-    hist["web_kept" if row["web_caption"] in kept else "web_removed"][web_bin] += 1
+    if row["web_score"] is not None:
+        web_bin = min(int(np.searchsorted(edges, row["web_score"], side="right")) - 1, HIST_BINS - 1)
+        hist["web_kept" if row["web_caption"] in kept else "web_removed"][web_bin] += 1
     for caption, score in zip(row["synthetic_captions"] or [], row["synthetic_scores"] or []):
         if score is not None:
             b = min(int(np.searchsorted(edges, score, side="right")) - 1, HIST_BINS - 1)
@@ -391,7 +399,8 @@ def _candidates(item: dict[str, Any]) -> list[dict[str, Any]]:
     kept = item["kept_captions"] or []
     synthetic = item["synthetic_captions"] or []
     scores = item["synthetic_scores"] or [None] * len(synthetic)
-    pairs = [(item["web_caption"], item["web_score"], "web")] + [(c, s, "synthetic") for c, s in zip(synthetic, scores)]
+    web = [(item["web_caption"], item["web_score"], "web")] if item["web_caption"] is not None else []
+    pairs = web + [(c, s, "synthetic") for c, s in zip(synthetic, scores)]
     return [{"caption": _cut(c), "score": s, "source": src, "kept": c in kept} for c, s, src in pairs]
 
 

@@ -56,12 +56,12 @@ def direct_counts(rows, config: SelectionConfig) -> tuple[int, int, int]:
     for row in rows:
         if row["status"] == "error":
             continue
-        cands = [Candidate(row["web_caption"], "web", row["web_score"])] + [
+        cands = [Candidate(row["web_caption"], "web", row["web_score"])] * (row["web_caption"] is not None) + [
             Candidate(c, "synthetic", s) for c, s in zip(row["synthetic_captions"], row["synthetic_scores"])]
         kept = select(cands, config)
         images += bool(kept)
-        web += bool(cands[0].kept)
-        synthetic += sum(bool(c.kept) for c in cands[1:])
+        web += sum(bool(c.kept) for c in cands if c.source == "web")
+        synthetic += sum(bool(c.kept) for c in cands if c.source == "synthetic")
     return images, web, synthetic
 
 
@@ -70,7 +70,7 @@ def test_threshold_sweep_matches_a_direct_count_on_the_parquet(corpus):
     rows = parquet_rows(out)
     result = report.scan(out, samples=0, seed=0)
     table = result.sweep.table()
-    assert result.sweep.images == sum(r["status"] != "error" for r in rows) == 63  # 60 synth, 3 good of bad
+    assert result.sweep.images == sum(r["status"] != "error" for r in rows) == 64  # 60 synth, 4 usable of bad (one image-only)
     for j, t in enumerate(table["threshold"]):
         expected = direct_counts(rows, SelectionConfig(threshold=float(t)))
         assert (table["images_kept"][j], table["web_kept"][j], table["synthetic_kept"][j]) == expected, t
@@ -79,7 +79,7 @@ def test_threshold_sweep_matches_a_direct_count_on_the_parquet(corpus):
     assert table["threshold"][j] == threshold
     stats = [read_json(p) for p in out.glob("*_stats.json")]
     written = sum(s["written"] for s in stats)
-    assert 0 < written < 63
+    assert 0 < written < 64
     assert table["images_kept"][j] == written
     assert table["web_kept"][j] == sum(s["web_kept"] for s in stats)
     assert table["synthetic_kept"][j] == sum(s["synthetic_kept"] for s in stats)
@@ -184,7 +184,7 @@ def test_report_page_is_self_contained_and_shows_every_part(corpus, tmp_path):
     assert len(thumbs["dropped"]) == min(5, sum(r["status"] == "dropped" for r in rows)) == 5
     assert all(max(t.size) <= report.THUMB_PX for ts in thumbs.values() for t in ts)
     errors = sum(r["status"] == "error" for r in rows)
-    assert f"Errors: 5 of {errors}" in text and "corrupt_image" in text and "missing_caption" in text
+    assert f"Errors: {min(5, errors)} of {errors}" in text and "corrupt_image" in text and "caption_not_utf8" in text
     assert "planted noise" in text and "Precision and recall" in text
     assert "synth-00000" in text and "bad-00000" in text  # shard table
 
