@@ -109,15 +109,20 @@ def _run(specs, out, overwrite, batch_size, workers, seed, clean_text, retries, 
          scorer=None, selection=None):
     from capfilt.distributor import current_rank, run_job
     from capfilt.pipeline import RunConfig
-    from capfilt.stats import format_report, summarize
 
     config = RunConfig(specs=tuple(specs), out=str(out), batch_size=batch_size, workers=workers, seed=seed,
                        clean_text=clean_text, overwrite=overwrite, retries=retries, progress=not quiet)
     summary = run_job(config, captioner, scorer, selection, processes)
+    _echo_summary(summary, out, current_rank().rank == 0)
+
+
+def _echo_summary(summary, out, whole_output: bool):
+    from capfilt.stats import format_report, summarize
+
     rate = summary.samples / summary.duration_s if summary.duration_s else 0.0
     typer.echo(f"this run: {summary.shards_done} shards done, {summary.shards_skipped} already done, "
                f"{summary.samples:,} samples in {summary.duration_s:.1f}s ({rate:.1f}/s)")
-    if current_rank().rank == 0:
+    if whole_output:
         typer.echo(format_report(summarize(out)))  # under a launcher: what is finished so far
     if summary.shards_failed:
         for shard, reason in summary.shards_failed.items():
@@ -179,6 +184,52 @@ def bootstrap(
         scorer = _scorer_config(filter, device, dtype)
         _run(specs, out, overwrite, batch_size, workers, seed, clean_text, retries, quiet, processes, captioner=cap,
              scorer=scorer, selection=selection)
+
+
+@app.command("select")
+def select_(
+    specs: Specs,
+    source: Annotated[Path, typer.Option("--from", help="The output of a filter or bootstrap run: its parquet "
+                                         "holds the scores. Never altered.", rich_help_panel=RUN)],
+    out: Out,
+    policy: Annotated[Optional[str], typer.Option(help="blip or blip2 (default: the recorded run's).",
+                                                  rich_help_panel=FILTER)] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Minimum P(match) to keep a caption (default: the "
+                                                       "recorded run's).", rich_help_panel=FILTER)] = None,
+    keep_top: Annotated[Optional[int], typer.Option(help="Captions kept per image under --policy blip2 "
+                                                    "(default: the recorded run's).", rich_help_panel=FILTER)] = None,
+    overwrite: Overwrite = False, quiet: Quiet = False,
+):
+    """Re-apply the selection with another policy or threshold, using the scores a run recorded: no model is
+    loaded. SPECS are that run's input shards (the images and json are read from them again); --out gets the
+    same output format, as if the run had used these settings. A sample without recorded scores becomes an
+    error row (no_recorded_scores), never a kept sample."""
+    from capfilt.reselect import SelectConfig, reselect
+
+    with _user_errors():
+        summary = reselect(SelectConfig(specs=tuple(specs), source=str(source), out=str(out), policy=policy,
+                                        threshold=threshold, keep_top=keep_top, overwrite=overwrite,
+                                        progress=not quiet))
+        _echo_summary(summary, out, True)
+
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Argument(help="An output directory of filter, bootstrap or select.")],
+    html: Annotated[Optional[Path], typer.Option("--html", help="Where to write the page (default: "
+                                                 "OUT/report.html).")] = None,
+    samples: Annotated[int, typer.Option(help="Gallery samples drawn from each of kept, dropped and errors.")] = 12,
+    seed: Annotated[int, typer.Option(help="Seeds the gallery draw: same seed, same samples.")] = 0,
+):
+    """One self-contained HTML page on an output: totals, score histograms, the keep rate against the threshold,
+    precision/recall and ROC when the input json carries ground truth (capfilt_demo.noisy, synth.noisy), a
+    per-shard table and a gallery of kept, dropped and failed samples with thumbnails. Dropped images are read
+    from the input shards the run recorded. Opens from disk, no network."""
+    from capfilt.report import ReportConfig, write_report
+
+    with _user_errors():
+        path = write_report(ReportConfig(out=str(out), html=str(html) if html else None, samples=samples, seed=seed))
+        typer.echo(f"report: {path}")
 
 
 @app.command()

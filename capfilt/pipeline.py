@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -107,6 +108,7 @@ def run(
     one_tower = (captioner is not None and scorer is not None and captioner_key == scorer_key
                  and same_vision_tower(captioner.model, scorer.model))
     claims = Claims(out, job)
+    inputs = {reader.shard_name(u): input_location(u) for u in todo}  # recorded per shard, for `capfilt report`
     stream = ShardStream(todo, transforms, config.batch_size, retries=config.retries, claim=claims)
     device = (captioner or scorer).device
     started = time.perf_counter()
@@ -123,13 +125,13 @@ def run(
                     if not item.retrying:
                         summary.shards_failed[item.shard] = item.failed  # claim kept: the job's next attempt
                 else:
-                    summary.add((shard or _OpenShard(ShardWriter(out, item.shard))).commit())
+                    summary.add((shard or _OpenShard(ShardWriter(out, item.shard), inputs[item.shard])).commit())
                     claims.release(item.shard)
                 view.update(open_shards.values(), force=True)
                 continue
             shard = open_shards.get(item.shard)
             if shard is None:
-                shard = open_shards[item.shard] = _OpenShard(ShardWriter(out, item.shard))
+                shard = open_shards[item.shard] = _OpenShard(ShardWriter(out, item.shard), inputs[item.shard])
             # Captioner and filter on the same frozen tower: it runs once for the batch (bytes unchanged).
             with one_tower_pass(captioner.model, scorer.model) if one_tower else contextlib.nullcontext():
                 _process(item, shard.writer, captioner, scorer, selection, config, captioner_key, scorer_key, fit)
@@ -174,15 +176,22 @@ class _JobView:
         self.bar.close()
 
 
+def input_location(url: str) -> str:
+    """A shard URL as the stats record it: local paths made absolute, so the output can be read from anywhere."""
+    return os.path.abspath(url) if reader.local_file(url) == url else url
+
+
 @dataclass
 class _OpenShard:
     writer: ShardWriter
+    input: str = ""  # the input shard's URL or absolute path
     started: float = field(default_factory=time.perf_counter)
 
     def commit(self) -> dict[str, Any]:
         duration = time.perf_counter() - self.started
         rate = self.writer.stats.read / duration if duration > 0 else 0.0
-        return self.writer.commit({"duration_s": round(duration, 3), "samples_per_s": round(rate, 2)})
+        return self.writer.commit({"duration_s": round(duration, 3), "samples_per_s": round(rate, 2),
+                                   "input": self.input})
 
 
 def shared_transforms(captioner, scorer):
@@ -300,34 +309,45 @@ def _process(
             writer.add_row(key=sample.key, status=ERROR, reason=reader.MISSING_CAPTION,
                            detail=f"{sample.detail}; the synthetic captions are empty")
             continue
-        kept = select(cands, selection) if scorer is not None else cands
-        web = next((c for c in cands if c.source == "web"), None)  # None: an image-only sample
-        synthetic = [c for c in cands if c.source == "synthetic"]
-        row = dict(key=sample.key, detail=sample.detail or None, web_caption=web.caption if web else None,
-                   web_score=web.score if web else None, synthetic_captions=[c.caption for c in synthetic],
-                   synthetic_scores=[c.score for c in synthetic] if scorer is not None else None,
-                   kept_captions=[c.caption for c in kept] if scorer is not None else None)
-        if not kept:
-            stats.dropped += 1
-            writer.add_row(status=DROPPED, reason="all_captions_below_threshold", **row)
-            continue
-        stats.written += 1
-        if scorer is not None:
-            stats.web_kept += int(web is not None and bool(web.kept))
-            stats.synthetic_kept += sum(bool(c.kept) for c in synthetic)
-        writer.write_sample(sample.key, sample.image, sample.image_ext, kept[0].caption,
-                            _output_meta(sample, cands, captioner, scorer, selection))
-        writer.add_row(status=OK, **row)
+        write_candidates(writer, sample, cands, selection, captioner.config.model if captioner is not None else None,
+                         scorer.config.model if scorer is not None else None)
 
 
-def _output_meta(sample: Sample, cands, captioner, scorer, selection: SelectionConfig) -> dict[str, Any]:
+def write_candidates(writer: ShardWriter, sample: Sample, cands, selection: SelectionConfig,
+                     captioner_id: str | None, filter_id: str | None) -> None:
+    """A good sample's parquet row, and its tar sample unless dropped; selects first when it was scored
+    (`filter_id` given). `run` and `capfilt select` both write through here, so their bytes agree."""
+    stats = writer.stats
+    scored = filter_id is not None
+    kept = select(cands, selection) if scored else cands
+    web = next((c for c in cands if c.source == "web"), None)  # None: an image-only sample
+    synthetic = [c for c in cands if c.source == "synthetic"]
+    row = dict(key=sample.key, detail=sample.detail or None, web_caption=web.caption if web else None,
+               web_score=web.score if web else None, synthetic_captions=[c.caption for c in synthetic],
+               synthetic_scores=[c.score for c in synthetic] if scored else None,
+               kept_captions=[c.caption for c in kept] if scored else None)
+    if not kept:
+        stats.dropped += 1
+        writer.add_row(status=DROPPED, reason="all_captions_below_threshold", **row)
+        return
+    stats.written += 1
+    if scored:
+        stats.web_kept += int(web is not None and bool(web.kept))
+        stats.synthetic_kept += sum(bool(c.kept) for c in synthetic)
+    writer.write_sample(sample.key, sample.image, sample.image_ext, kept[0].caption,
+                        _output_meta(sample, cands, captioner_id, filter_id, selection))
+    writer.add_row(status=OK, **row)
+
+
+def _output_meta(sample: Sample, cands, captioner_id: str | None, filter_id: str | None,
+                 selection: SelectionConfig) -> dict[str, Any]:
     previous = sample.meta.get("capfilt") or {}
     capfilt: dict[str, Any] = {
         "candidates": [{"caption": c.caption, "source": c.source, "score": c.score, "kept": c.kept} for c in cands],
-        "captioner": captioner.config.model if captioner is not None else previous.get("captioner"),
-        "filter": scorer.config.model if scorer is not None else None,
+        "captioner": captioner_id if captioner_id is not None else previous.get("captioner"),
+        "filter": filter_id,
     }
-    if scorer is not None:
+    if filter_id is not None:
         capfilt.update(policy=selection.policy, threshold=selection.threshold)
         if selection.policy == "blip2":
             capfilt["keep_top"] = selection.keep_top

@@ -40,6 +40,8 @@ EMPTY_TAR = "empty_tar"
 TRUNCATED_TAR = "truncated_tar"
 UNREADABLE_TAR = "unreadable_tar"
 DUPLICATE_KEY = "duplicate_key"
+# `capfilt select`: the run it selects from holds no usable scores for this sample (detail says why).
+NO_RECORDED_SCORES = "no_recorded_scores"
 
 
 # ----------------------------------------------------------------------------------------------- specs

@@ -5,7 +5,8 @@
     2. a WordPiece vocabulary for the Q-Former, trained on the corpus's captions (no BERT offline);
     3. Q-Former stage 1 (ITC + ITM + ITG), then stage 2 (through the LLM), on the raw, noisy corpus;
     4. `bootstrap` of the corpus with the stage-2 model as captioner and the stage-1 model as filter;
-    5. the filter against the planted noise (json `capfilt_demo.noisy`), and example captions.
+    5. the filter against the planted noise (json `capfilt_demo.noisy`), example captions, and the HTML report
+       of the cleaned corpus (`capfilt report`).
 
 Each step writes under `out` and is skipped when its output is already complete, so a rerun resumes.
 Every step is a library call a user can make alone (`capfilt pretrain`, `capfilt bootstrap`...).
@@ -65,10 +66,12 @@ class DemoSummary:
     cleaned: str
     seconds: dict[str, float] = field(default_factory=dict)
     noise: object = None  # capfilt.stats.NoiseReport
+    report: str = ""  # the cleaned corpus's HTML report
 
     def format(self) -> str:
         timing = ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items())
-        return "\n".join([self.noise.format(), f"time: {timing}", f"cleaned shards: {self.cleaned}"])
+        return "\n".join([self.noise.format(), f"time: {timing}", f"cleaned shards: {self.cleaned}",
+                          f"report: {self.report}"])
 
 
 def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoSummary:
@@ -80,6 +83,7 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoSumm
     from capfilt.pipeline import RunConfig, run
     from capfilt.pretrain import OptimConfig, PretrainConfig, pretrain
     from capfilt.qformer import train_qformer_tokenizer
+    from capfilt.report import ReportConfig, write_report
     from capfilt.reader import expand_specs, read_shard
     from capfilt.scorer import Scorer, ScorerConfig
     from capfilt.stats import noise_report
@@ -140,4 +144,5 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoSumm
     say("[5/5] the filter against the planted noise")
     summary.noise = noise_report([config.shards], Path(summary.cleaned),
                                  lambda meta: (meta.get("capfilt_demo") or {}).get("noisy", False))
+    summary.report = str(write_report(ReportConfig(out=summary.cleaned, seed=config.seed)))
     return summary

@@ -36,6 +36,9 @@ def test_demo_recipe_runs_every_stage_and_reports_against_the_planted_noise(tmp_
     assert noise.clean_kept == sum(not truth[k] for k in truth if k not in removed)
     assert all(len(ex["synthetic"]) == 2 for ex in noise.examples)
     assert "planted noisy captions removed" in summary.format()
+    page = (loop / "cleaned" / "report.html").read_text()
+    assert summary.report == str(loop / "cleaned" / "report.html") and f"report: {summary.report}" in summary.format()
+    assert "20 planted noisy and 60 clean web" in page  # the report found the demo's ground truth
 
     again = run_demo(config, say=messages.append)  # a rerun finds every stage done
     assert again.seconds["stage 1"] < summary.seconds["stage 1"] or summary.seconds["stage 1"] < 1
