@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import random
-import resource
 import subprocess
 import sys
 import tempfile

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from transformers import Blip2ForConditionalGeneration, BlipForConditionalGeneration, InstructBlipForConditionalGeneration
+from transformers import (Blip2ForConditionalGeneration, BlipForConditionalGeneration,
+                          InstructBlipForConditionalGeneration)
 
 from capfilt.checkpoint import (ImageTransform, check_dtype, load_image_transform, load_model, load_tokenizer,
                                 vision_dtype)
@@ -50,7 +51,8 @@ class CaptionerConfig:
         if self.num_captions < 1:
             raise CapfiltError("--num-captions must be at least 1")
         if self.sampling == "greedy" and self.num_captions > 1:
-            raise CapfiltError("greedy decoding gives one caption per image: use nucleus or beam for --num-captions > 1")
+            raise CapfiltError("greedy decoding gives one caption per image: use nucleus or beam for "
+                               "--num-captions > 1")
         if self.sampling == "beam" and self.num_beams < self.num_captions:
             raise CapfiltError(f"--num-beams ({self.num_beams}) must be at least --num-captions ({self.num_captions})")
         if not 0.0 < self.top_p <= 1.0:
@@ -102,7 +104,8 @@ class Captioner:
         self.encoder_decoder = self.kind != "blip" and bool(getattr(text_config, "is_encoder_decoder", False))
         self.instruction = None  # InstructBLIP: the prompt in the Q-Former's own tokens, which it reads too
         if self.kind == "instructblip":
-            self.instruction = list(load_tokenizer(config.model, "captioner", "qformer_tokenizer")(self.prompt).input_ids)
+            qformer_tokenizer = load_tokenizer(config.model, "captioner", "qformer_tokenizer")
+            self.instruction = list(qformer_tokenizer(self.prompt).input_ids)
 
     @property
     def device(self) -> torch.device:

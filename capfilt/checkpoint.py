@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from transformers import AutoConfig, logging as hf_logging, AutoProcessor, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import logging as hf_logging
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
 from capfilt.errors import CapfiltError

@@ -124,7 +124,8 @@ class Claims:
             raise CapfiltError(f"cannot create a claim in {self.dir}: it keeps disappearing")
         with os.fdopen(fd, "w") as f:
             json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}, f)
-        if stats_path(self.out, name).exists():  # finished by this job after our listing: its claim had already been dropped
+        # Finished by this job after our listing: its claim had already been dropped.
+        if stats_path(self.out, name).exists():
             self.release(name)
             return False
         return True

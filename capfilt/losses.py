@@ -97,7 +97,8 @@ def similarities(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.T
     return torch.einsum("iqe,te->itq", image_feats, text_feats).amax(dim=-1)
 
 
-def itc_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, temp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def itc_loss(image_feats: torch.Tensor, text_feats: torch.Tensor,
+             temp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Image-text contrastive loss with in-batch negatives from every rank.
 
     image_feats: (B, Q, E) and text_feats: (B, E), this rank's, L2-normalised. Returns the loss and the

@@ -255,7 +255,8 @@ class QFormerModel(PreTrainedModel):
         if llm_labels is not None:
             return self._stage2(image_embeds, llm_input_ids, llm_attention_mask, llm_labels)
         if sample_ids is None:
-            sample_ids = torch.arange(input_ids.shape[0], device=input_ids.device) + losses.row_offset(input_ids.shape[0])
+            batch = input_ids.shape[0]
+            sample_ids = torch.arange(batch, device=input_ids.device) + losses.row_offset(batch)
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
 

@@ -354,7 +354,8 @@ def plot_histograms(hist: dict[str, np.ndarray], threshold: float) -> str:
 def plot_sweep(table: dict[str, np.ndarray], sweep: Sweep, threshold: float) -> str:
     fig, (ax,) = _figure()
     t = table["threshold"]
-    for key, total, label in (("images_kept", sweep.images, "images kept"), ("web_kept", sweep.web, "web captions kept"),
+    for key, total, label in (("images_kept", sweep.images, "images kept"),
+                              ("web_kept", sweep.web, "web captions kept"),
                               ("synthetic_kept", sweep.synthetic, "synthetic captions kept")):
         if total:
             ax.plot(t, table[key] / total, label=label)

@@ -80,11 +80,13 @@ def _rate(n: int, d: int) -> str:
 def format_report(r: OutputReport) -> str:
     lines = [
         f"output           {r.out}",
-        f"shards done      {r.shards_done}" + (f"   unfinished: {', '.join(r.shards_unfinished)}" if r.shards_unfinished else ""),
+        f"shards done      {r.shards_done}"
+        + (f"   unfinished: {', '.join(r.shards_unfinished)}" if r.shards_unfinished else ""),
         f"samples read     {r.read:,}",
         f"samples written  {_rate(r.written, r.read)}",
         f"samples dropped  {r.dropped:,}",
-        f"errors           {sum(r.errors.values()):,}" + "".join(f"\n  {k:<16} {v:,}" for k, v in sorted(r.errors.items())),
+        f"errors           {sum(r.errors.values()):,}"
+        + "".join(f"\n  {k:<16} {v:,}" for k, v in sorted(r.errors.items())),
     ]
     if r.web_scored:
         lines.append(f"web kept         {_rate(r.web_kept, r.web_scored)}")

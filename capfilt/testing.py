@@ -76,7 +76,8 @@ def _blip2_config(qformer_tok, llm_tok=None, text_input=False, hidden=32, layers
 
     vision = _vision(hidden, layers, image_size, patch)
     qformer = dict(vocab_size=len(qformer_tok), hidden_size=hidden, intermediate_size=4 * hidden,
-                   num_hidden_layers=layers, num_attention_heads=max(2, hidden // 64), encoder_hidden_size=hidden, cross_attention_frequency=2,
+                   num_hidden_layers=layers, num_attention_heads=max(2, hidden // 64), encoder_hidden_size=hidden,
+                   cross_attention_frequency=2,
                    max_position_embeddings=64, pad_token_id=qformer_tok.pad_token_id,
                    use_qformer_text_input=text_input)
     text = None

@@ -17,7 +17,8 @@ from transformers import AutoImageProcessor, AutoModel
 from capfilt import fetch
 from capfilt.efficientnet import TF_LITE_MEAN, EfficientNetLiteConfig, EfficientNetLiteModel
 from capfilt.errors import CapfiltError
-from capfilt.fetch import (EFFICIENTNET_LITE0, MARKER, MINILM_L6, SMOLLM2_135M, FetchConfig, fetch_all, fetch_efficientnet,
+from capfilt.fetch import (EFFICIENTNET_LITE0, MARKER, MINILM_L6, SMOLLM2_135M, FetchConfig, fetch_all,
+                           fetch_efficientnet,
                            fetch_smollm2)
 from test_efficientnet import random_model, to_lukemelas
 

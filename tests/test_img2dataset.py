@@ -14,7 +14,6 @@ import threading
 from pathlib import Path
 
 import pyarrow.dataset
-import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from conftest import demo_samples

@@ -120,7 +120,8 @@ def test_two_processes_train_exactly_like_one(parts_paths, tmp_path):
     parts.tokenizer.save_pretrained(run)
     parts.image_processor.save_pretrained(run)
     dist_fit.train(str(run), str(tmp_path / "one.pt"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    path = str(TESTS) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(TESTS / "dist_fit.py"), str(run), str(tmp_path / "two.pt")],
                             env=env, capture_output=True, text=True, timeout=300)
@@ -174,7 +175,8 @@ def test_cli_stage1_resume_stage2_eval_and_bootstrap_with_the_run_directories(pa
                                "--sampling", "beam"])
     assert beam.exit_code == 2 and "stage-1" in beam.output
     result = runner.invoke(app, ["caption", str(synth), "--out", str(tmp_path / "itg"), "--captioner", str(s1),
-                                 "--num-captions", "2", "--min-length", "3", "--max-length", "8", "--workers", "0", "--quiet"])
+                                 "--num-captions", "2", "--min-length", "3", "--max-length", "8", "--workers", "0",
+                                 "--quiet"])
     assert result.exit_code == 0, result.output  # a stage-1 model captions through its ITG decoder
     out = tmp_path / "boot"
     result = runner.invoke(app, ["bootstrap", str(synth), "--out", str(out), "--captioner", str(s2), "--filter",

@@ -271,8 +271,8 @@ def test_stage2_labels_cover_only_the_caption_and_eos(model, qformer_parts):
     prompt = len(llm_tok("a picture of ").input_ids)
     labels, ids = inputs["llm_labels"], inputs["llm_input_ids"]
     assert (labels[:, :prompt] == -100).all()
-    assert labels[0, prompt:].tolist() == llm_tok("a dog", add_special_tokens=False).input_ids + [llm_tok.eos_token_id] \
-        + [-100] * (ids.shape[1] - prompt - 3)
+    caption = llm_tok("a dog", add_special_tokens=False).input_ids + [llm_tok.eos_token_id]
+    assert labels[0, prompt:].tolist() == caption + [-100] * (ids.shape[1] - prompt - 3)
     assert torch.equal(inputs["llm_attention_mask"].bool(), (labels != -100) | (torch.arange(ids.shape[1]) < prompt))
     out = stage2(**inputs)
     assert math.isfinite(out.loss.item())

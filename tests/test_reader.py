@@ -76,7 +76,9 @@ def test_the_dataloader_pins_every_batch_tensor(tmp_path, monkeypatch):
         return tensor.clone()
 
     path = write_tar(tmp_path / "demo.tar", demo_samples(6))
-    transform = lambda images: torch.zeros(len(images), 3, 4, 4)
+    def transform(images):
+        return torch.zeros(len(images), 3, 4, 4)
+
     stream = ShardStream([str(path)], {"a": transform, "b": transform}, 4)
     batch = next(b for b in stream if isinstance(b, reader.Batch))
     monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
@@ -84,7 +86,9 @@ def test_the_dataloader_pins_every_batch_tensor(tmp_path, monkeypatch):
     assert isinstance(out, reader.Batch) and out.samples == batch.samples
     assert sorted(pinned) == sorted(t.data_ptr() for t in batch.pixels.values())
 
-    tokenize = lambda b: dict(pixel_values=b.pixel_values, input_ids=torch.ones(len(b.captions), 5, dtype=torch.long))
+    def tokenize(b):
+        return dict(pixel_values=b.pixel_values, input_ids=torch.ones(len(b.captions), 5, dtype=torch.long))
+
     pairs = next(iter(PairStream([str(path)], transform, 3, resampled=False, tokenize=tokenize)))
     pinned.clear()
     out = dataloader_pin(pairs)

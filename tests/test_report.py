@@ -31,8 +31,8 @@ SCREENSHOTS = REPO / "bench" / "out"
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, tiny_models):
-    """A synthetic corpus with planted noise plus a shard of bad input (first in order, without ground truth), bootstrapped with tiny models at a
-    threshold inside their score range (so some samples are kept and some dropped)."""
+    """A synthetic corpus with planted noise plus a shard of bad input (first in order, without ground truth),
+    bootstrapped with tiny models at a threshold inside their score range (some samples kept, some dropped)."""
     root = tmp_path_factory.mktemp("report")
     inputs = root / "in"
     write_synth(inputs, SynthConfig(n=60, per_shard=20, noise=0.3, size=32))
@@ -70,7 +70,8 @@ def test_threshold_sweep_matches_a_direct_count_on_the_parquet(corpus):
     rows = parquet_rows(out)
     result = report.scan(out, samples=0, seed=0)
     table = result.sweep.table()
-    assert result.sweep.images == sum(r["status"] != "error" for r in rows) == 64  # 60 synth, 4 usable of bad (one image-only)
+    # 60 synth, 4 usable of the bad shard (one image-only)
+    assert result.sweep.images == sum(r["status"] != "error" for r in rows) == 64
     for j, t in enumerate(table["threshold"]):
         expected = direct_counts(rows, SelectionConfig(threshold=float(t)))
         assert (table["images_kept"][j], table["web_kept"][j], table["synthetic_kept"][j]) == expected, t

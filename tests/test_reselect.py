@@ -1,6 +1,5 @@
 """`capfilt select`: the recorded scores re-selected without models equal a full run at the new settings."""
 
-import json
 from pathlib import Path
 
 import pyarrow as pa
