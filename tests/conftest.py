@@ -45,6 +45,17 @@ def demo_samples(n: int, start: int = 0) -> list[dict]:
     return samples[start:]
 
 
+def mixed_shards(d: Path, last: bool = True) -> Path:
+    """Input shards under `d`: 10 good samples, every kind of bad input, a truncated tar, and (`last`) 5 more good."""
+    d.mkdir()
+    write_tar(d / "part-00000.tar", demo_samples(10))
+    write_tar(d / "part-00001.tar", strip_none(bad_samples()))
+    truncate(write_tar(d / "part-00002.tar", demo_samples(8, start=10)), 0.6)
+    if last:
+        write_tar(d / "part-00003.tar", demo_samples(5, start=20))
+    return d
+
+
 def write_tar(path: Path, samples: list[dict]) -> Path:
     with wds.TarWriter(str(path), encoder=False) as tar:
         for sample in samples:

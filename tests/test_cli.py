@@ -6,7 +6,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from conftest import bad_samples, demo_samples, read_json, strip_none, tar_members, truncate, write_tar
+from conftest import demo_samples, mixed_shards, read_json, tar_members, write_tar
 from typer.testing import CliRunner
 
 from capfilt import pipeline
@@ -22,13 +22,7 @@ runner = CliRunner()
 
 @pytest.fixture
 def shards(tmp_path) -> Path:
-    d = tmp_path / "in"
-    d.mkdir()
-    write_tar(d / "part-00000.tar", demo_samples(10))
-    write_tar(d / "part-00001.tar", strip_none(bad_samples()))
-    truncate(write_tar(d / "part-00002.tar", demo_samples(8, start=10)), 0.6)
-    write_tar(d / "part-00003.tar", demo_samples(5, start=20))
-    return d
+    return mixed_shards(tmp_path / "in")
 
 
 def cli(*args):

@@ -5,7 +5,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import bad_samples, demo_samples, read_json, strip_none, tar_members, truncate, write_tar
+from conftest import demo_samples, mixed_shards, read_json, tar_members, write_tar
 from typer.testing import CliRunner
 
 from capfilt.writer import MANIFEST, ROW_SCHEMA
@@ -21,12 +21,7 @@ def cli(*args):
 
 @pytest.fixture
 def shards(tmp_path) -> Path:
-    d = tmp_path / "in"
-    d.mkdir()
-    write_tar(d / "part-00000.tar", demo_samples(10))
-    write_tar(d / "part-00001.tar", strip_none(bad_samples()))
-    truncate(write_tar(d / "part-00002.tar", demo_samples(8, start=10)), 0.6)
-    return d
+    return mixed_shards(tmp_path / "in", last=False)
 
 
 def bootstrap(shards, out, models, *extra):
