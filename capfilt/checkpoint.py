@@ -73,10 +73,14 @@ KINDS = {
 _MODEL_TYPES = {"blip": "a BLIP", "blip-2": "a BLIP-2", "instructblip": "an InstructBLIP"}
 
 
+def _family(model_type: str) -> str:
+    return _MODEL_TYPES.get(model_type, f"a {model_type!r}")
+
+
 def _kind(class_name: str, model_type: str) -> str:
     if class_name in KINDS:
         return KINDS[class_name][0]
-    return f"{_MODEL_TYPES.get(model_type, f'a {model_type!r}')} checkpoint for another task"
+    return f"{_family(model_type)} checkpoint for another task"
 
 
 def _wanted(role: str, classes: dict[str, type[PreTrainedModel]]) -> str:
@@ -89,9 +93,8 @@ def load_model(name: str, role: str, classes: dict[str, type[PreTrainedModel]], 
     config = load_config(name, role)
     cls = classes.get(config.model_type)
     if cls is None:
-        what = _MODEL_TYPES.get(config.model_type, f"a {config.model_type!r}")
-        raise CapfiltError(f"{role} {name!r} is {what} model, which capfilt cannot use as a {role}: "
-                           f"{_wanted(role, classes)}")
+        raise CapfiltError(f"{role} {name!r} is {_family(config.model_type)} model, which capfilt cannot use as "
+                           f"a {role}: {_wanted(role, classes)}")
     architectures = getattr(config, "architectures", None) or []
     if architectures and cls.__name__ not in architectures:
         raise CapfiltError(f"{role} {name!r} is {_kind(architectures[0], config.model_type)}, not "
