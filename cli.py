@@ -92,7 +92,7 @@ def _user_errors():
 
 
 def _captioner_config(model, sampling, num_captions, top_p, num_beams, max_length, min_length, prompt, device, dtype):
-    from capfilt.captioner import CaptionerConfig
+    from capfilt.models.captioner import CaptionerConfig
 
     return CaptionerConfig(model=model, sampling=sampling, num_captions=num_captions, top_p=top_p,
                            num_beams=num_beams, max_length=max_length, min_length=min_length, prompt=prompt,
@@ -100,15 +100,15 @@ def _captioner_config(model, sampling, num_captions, top_p, num_beams, max_lengt
 
 
 def _scorer_config(model, device, dtype):
-    from capfilt.scorer import ScorerConfig
+    from capfilt.models.scorer import ScorerConfig
 
     return ScorerConfig(model=model, device=device, dtype=dtype)
 
 
 def _run(specs, out, overwrite, batch_size, workers, seed, clean_text, retries, quiet, processes, captioner=None,
          scorer=None, selection=None):
-    from capfilt.distributor import current_rank, run_job
-    from capfilt.pipeline import RunConfig
+    from capfilt.bootstrap.claims import current_rank, run_job
+    from capfilt.bootstrap.pipeline import RunConfig
 
     config = RunConfig(specs=tuple(specs), out=str(out), batch_size=batch_size, workers=workers, seed=seed,
                        clean_text=clean_text, overwrite=overwrite, retries=retries, progress=not quiet)
@@ -117,7 +117,7 @@ def _run(specs, out, overwrite, batch_size, workers, seed, clean_text, retries, 
 
 
 def _echo_summary(summary, out, whole_output: bool):
-    from capfilt.stats import format_report, summarize
+    from capfilt.bootstrap.stats import format_report, summarize
 
     rate = summary.samples / summary.duration_s if summary.duration_s else 0.0
     typer.echo(f"this run: {summary.shards_done} shards done, {summary.shards_skipped} already done, "
@@ -155,7 +155,7 @@ def filter_(
     processes: Processes = 1,
 ):
     """Score the web caption and any synthetic captions with an ITM head and keep the matching ones."""
-    from capfilt.selection import SelectionConfig
+    from capfilt.bootstrap.selection import SelectionConfig
 
     with _user_errors():
         selection = SelectionConfig(policy=policy, threshold=threshold, keep_top=keep_top)
@@ -175,7 +175,7 @@ def bootstrap(
     processes: Processes = 1,
 ):
     """Caption and filter in one streaming pass (the main job): no intermediate shards."""
-    from capfilt.selection import SelectionConfig
+    from capfilt.bootstrap.selection import SelectionConfig
 
     with _user_errors():
         selection = SelectionConfig(policy=policy, threshold=threshold, keep_top=keep_top)
@@ -204,7 +204,7 @@ def select_(
     loaded. SPECS are that run's input shards (the images and json are read from them again); --out gets the
     same output format, as if the run had used these settings. A sample without recorded scores becomes an
     error row (no_recorded_scores), never a kept sample."""
-    from capfilt.reselect import SelectConfig, reselect
+    from capfilt.bootstrap.reselect import SelectConfig, reselect
 
     with _user_errors():
         summary = reselect(SelectConfig(specs=tuple(specs), source=str(source), out=str(out), policy=policy,
@@ -225,7 +225,7 @@ def report(
     precision/recall and ROC when the input json carries ground truth (capfilt_demo.noisy, synth.noisy), a
     per-shard table and a gallery of kept, dropped and failed samples with thumbnails. Dropped images are read
     from the input shards the run recorded. Opens from disk, no network."""
-    from capfilt.report import ReportConfig, write_report
+    from capfilt.bootstrap.report import ReportConfig, write_report
 
     with _user_errors():
         path = write_report(ReportConfig(out=str(out), html=str(html) if html else None, samples=samples, seed=seed))
@@ -244,7 +244,7 @@ def synth(
     seed: Annotated[int, typer.Option(help="Same seed, same bytes.")] = 0,
 ):
     """Write a synthetic corpus of coloured shapes with captions that describe them (tests, smoke runs)."""
-    from capfilt.synth import SynthConfig, write_synth
+    from capfilt.data.synth import SynthConfig, write_synth
 
     with _user_errors():
         config = SynthConfig(n=n, per_shard=per_shard, noise=noise, size=size, max_shapes=max_shapes, seed=seed)
@@ -317,8 +317,8 @@ def pretrain(
 ):
     """Pre-train a BLIP-2 Q-Former on shards (bootstrap output or img2dataset). Runs as is under
     `accelerate launch` or `torchrun` for several processes and nodes."""
-    from capfilt.pretrain import OptimConfig, PretrainConfig, pretrain as run_pretrain
-    from capfilt.qformer import QFormerShape
+    from capfilt.train.pretrain import OptimConfig, PretrainConfig, pretrain as run_pretrain
+    from capfilt.models.qformer import QFormerShape
 
     with _user_errors():
         config = PretrainConfig(
@@ -354,7 +354,7 @@ def eval_(
     """Zero-shot image-text retrieval recall@1/5/10 and caption loss on held-out shards."""
     import json
 
-    from capfilt.evaluate import EvalConfig, run
+    from capfilt.train.evaluate import EvalConfig, run
 
     with _user_errors():
         report = run(EvalConfig(model=model, specs=tuple(specs), batch_size=batch_size, rerank_k=rerank_k,
@@ -372,7 +372,7 @@ def export(
 ):
     """Write a checkpoint plain transformers loads: Blip2ForConditionalGeneration (stage 2) or
     Blip2ForImageTextRetrieval (stage 1)."""
-    from capfilt.export import export as run_export
+    from capfilt.train.export import export as run_export
 
     with _user_errors():
         result = run_export(model, str(out), overwrite=overwrite)
@@ -413,7 +413,7 @@ def demo(
 @app.command()
 def stats(out: Annotated[Path, typer.Argument(help="An output directory of caption, filter or bootstrap.")]):
     """Totals, keep rates, score quantiles and error reasons of an output directory."""
-    from capfilt.stats import format_report, summarize
+    from capfilt.bootstrap.stats import format_report, summarize
 
     with _user_errors():
         typer.echo(format_report(summarize(out)))

@@ -1,6 +1,6 @@
 """Does data loading keep up with stage-1 Q-Former pre-training?
 
-Times the same `capfilt.pretrain.fit` two ways, from the same initial weights (dropout 0), batch size and steps:
+Times the same `capfilt.train.pretrain.fit` two ways, from the same initial weights (dropout 0), batch size and steps:
 
     in-memory   batches read once beforehand (same PairStream, no workers), tokenized, kept as tensors in a
                 list and fed round and round: the speed of the training step alone
@@ -48,9 +48,9 @@ from typing import Callable, Iterator
 import torch
 from accelerate import Accelerator
 
-from capfilt.pretrain import OptimConfig, PretrainConfig, build, fit, shard_batches
-from capfilt.qformer import QFormerShape
-from capfilt.synth import SynthConfig, write_synth
+from capfilt.train.pretrain import OptimConfig, PretrainConfig, build, fit, shard_batches
+from capfilt.models.qformer import QFormerShape
+from capfilt.data.synth import SynthConfig, write_synth
 from capfilt.testing import build_tiny_qformer_parts
 
 KEPT_BATCHES = 16  # in-memory batches, cycled (base: 18 MiB each at batch 32)

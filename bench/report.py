@@ -25,11 +25,11 @@ log = logging.getLogger("bench.report")
 
 
 def make_output(root: Path, rows: int, per_shard: int, seed: int = 0) -> Path:
-    from capfilt import reader
-    from capfilt.pipeline import input_location, write_candidates
-    from capfilt.selection import Candidate, SelectionConfig
-    from capfilt.synth import SynthConfig, write_synth
-    from capfilt.writer import ShardWriter, prepare_output
+    from capfilt.data import reader
+    from capfilt.bootstrap.pipeline import input_location, write_candidates
+    from capfilt.bootstrap.selection import Candidate, SelectionConfig
+    from capfilt.data.synth import SynthConfig, write_synth
+    from capfilt.data.writer import ShardWriter, prepare_output
 
     inputs, out = root / "in", root / "out"
     write_synth(inputs, SynthConfig(n=rows, per_shard=per_shard, noise=0.3, size=32, seed=seed))
@@ -55,7 +55,7 @@ def make_output(root: Path, rows: int, per_shard: int, seed: int = 0) -> Path:
 def measure(out: Path) -> dict:
     """Report `out` in a fresh process; its wall time and its own peak RSS."""
     code = ("import json, resource, time, sys; t = time.perf_counter();"
-            "from capfilt.report import ReportConfig, write_report;"
+            "from capfilt.bootstrap.report import ReportConfig, write_report;"
             f"p = write_report(ReportConfig(out={str(out)!r}));"
             "print(json.dumps({'seconds': time.perf_counter() - t, 'peak_rss_mib': "
             "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'page_kib': p.stat().st_size / 1024}))")

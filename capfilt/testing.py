@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from capfilt.synth import COLOURS, POSITIONS, SHAPES
+from capfilt.data.synth import COLOURS, POSITIONS, SHAPES
 
 WORDS = (
     "a an the of in on with and at to is are picture photo man woman people dog cat bus train red blue green "

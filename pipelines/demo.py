@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from capfilt.qformer import QFormerShape
+from capfilt.models.qformer import QFormerShape
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ class DemoSummary:
     out: str
     cleaned: str
     seconds: dict[str, float] = field(default_factory=dict)
-    noise: object = None  # capfilt.stats.NoiseReport
+    noise: object = None  # capfilt.bootstrap.stats.NoiseReport
     report: str = ""  # the cleaned corpus's HTML report
 
     def format(self) -> str:
@@ -77,16 +77,16 @@ class DemoSummary:
 def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoSummary:
     import torch
 
-    from capfilt.captioner import Captioner, CaptionerConfig
-    from capfilt.checkpoint import resolve_device
-    from capfilt.fetch import FetchConfig, fetch_efficientnet, fetch_smollm2
-    from capfilt.pipeline import RunConfig, run
-    from capfilt.pretrain import OptimConfig, PretrainConfig, pretrain
-    from capfilt.qformer import train_qformer_tokenizer
-    from capfilt.report import ReportConfig, write_report
-    from capfilt.reader import expand_specs, read_shard
-    from capfilt.scorer import Scorer, ScorerConfig
-    from capfilt.stats import noise_report
+    from capfilt.models.captioner import Captioner, CaptionerConfig
+    from capfilt.models.loading import resolve_device
+    from capfilt.train.fetch import FetchConfig, fetch_efficientnet, fetch_smollm2
+    from capfilt.bootstrap.pipeline import RunConfig, run
+    from capfilt.train.pretrain import OptimConfig, PretrainConfig, pretrain
+    from capfilt.models.qformer import train_qformer_tokenizer
+    from capfilt.bootstrap.report import ReportConfig, write_report
+    from capfilt.data.reader import expand_specs, read_shard
+    from capfilt.models.scorer import Scorer, ScorerConfig
+    from capfilt.bootstrap.stats import noise_report
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

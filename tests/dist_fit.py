@@ -8,14 +8,14 @@ import sys
 import torch
 from accelerate import Accelerator
 
-from capfilt.pretrain import OptimConfig, fit, load_parts
+from capfilt.train.pretrain import OptimConfig, fit, load_parts
 
 GLOBAL_BATCH = 8
 STEPS = 3
 
 
 def global_batches(parts, steps: int) -> list[dict]:
-    from capfilt.synth import COLOURS, SHAPES
+    from capfilt.data.synth import COLOURS, SHAPES
 
     generator = torch.Generator().manual_seed(0)
     words = [f"a {c} {s}" for c in COLOURS for s in SHAPES]

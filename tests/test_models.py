@@ -8,9 +8,9 @@ from conftest import demo_samples
 from transformers import Blip2ForImageTextRetrieval, BlipForImageTextRetrieval
 
 from capfilt import CapfiltError
-from capfilt.captioner import Captioner, CaptionerConfig
-from capfilt.reader import decode_image
-from capfilt.scorer import Scorer, ScorerConfig
+from capfilt.models.captioner import Captioner, CaptionerConfig
+from capfilt.data.reader import decode_image
+from capfilt.models.scorer import Scorer, ScorerConfig
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_enc_token_found_without_tokenizer_entry():
 
     from transformers import BertTokenizer
 
-    from capfilt.scorer import enc_token_id
+    from capfilt.models.scorer import enc_token_id
 
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "dog"])}
 

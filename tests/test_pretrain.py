@@ -15,14 +15,14 @@ import torch
 from accelerate import Accelerator
 from typer.testing import CliRunner
 
-from capfilt.checkpoint import ImageTransform
-from capfilt.evaluate import evaluate
-from capfilt.pairs import PairStream
-from capfilt.captioner import Captioner, CaptionerConfig
-from capfilt.pretrain import (OptimConfig, Parts, TRAINER_STATE, Tokenize, _save_checkpoint, fit, load_parts,
+from capfilt.models.loading import ImageTransform
+from capfilt.train.evaluate import evaluate
+from capfilt.data.pairs import PairStream
+from capfilt.models.captioner import Captioner, CaptionerConfig
+from capfilt.train.pretrain import (OptimConfig, Parts, TRAINER_STATE, Tokenize, _save_checkpoint, fit, load_parts,
                              save_parts)
-from capfilt.qformer import QFormerShape, build_stage1, qformer_tokenizer
-from capfilt.synth import SynthConfig, write_synth
+from capfilt.models.qformer import QFormerShape, build_stage1, qformer_tokenizer
+from capfilt.data.synth import SynthConfig, write_synth
 from capfilt.testing import build_tiny_qformer_parts
 from cli import app
 
@@ -130,9 +130,10 @@ def test_two_processes_train_exactly_like_one(parts_paths, tmp_path):
     start = parts.model.state_dict()
     assert not torch.allclose(one["query_tokens"], start["query_tokens"])  # it did train
     # Float sums run in another order across two ranks; Adam's first steps amplify such differences on
-    # near-zero gradients to a few 1e-5 at lr 1e-3. A wrong gather or loss normalisation gives 1e-3 and more.
+    # near-zero gradients at lr 1e-3, most in the ITC projections: 6e-5 to 1.0e-4 seen from run to run (the
+    # all-reduce order varies). A wrong gather or loss normalisation gives 1e-3 and more.
     worst = max((one[k] - two[k]).abs().max().item() for k in one)
-    assert worst < 1e-4, worst
+    assert worst < 3e-4, worst
 
 
 def test_cli_stage1_resume_stage2_eval_and_bootstrap_with_the_run_directories(parts_paths, tmp_path):

@@ -4,8 +4,8 @@ import pytest
 from conftest import bad_samples, demo_samples, png_bytes, strip_none, truncate, write_tar
 
 from capfilt import CapfiltError
-from capfilt import reader
-from capfilt.reader import ShardStream, expand_specs, read_shard, shard_name
+from capfilt.data import reader
+from capfilt.data.reader import ShardStream, expand_specs, read_shard, shard_name
 
 
 def test_expand_specs_accepts_files_dirs_globs_braces_urls(tmp_path):
@@ -67,7 +67,7 @@ def test_the_dataloader_pins_every_batch_tensor(tmp_path, monkeypatch):
     import torch
     from torch.utils.data._utils.pin_memory import pin_memory as dataloader_pin  # what the pin thread calls
 
-    from capfilt.pairs import PairStream
+    from capfilt.data.pairs import PairStream
 
     pinned = []
 

@@ -17,13 +17,13 @@ from conftest import REPO, bad_samples, read_json, strip_none, write_tar
 from PIL import Image
 from typer.testing import CliRunner
 
-from capfilt import report
-from capfilt.captioner import Captioner, CaptionerConfig
-from capfilt.pipeline import RunConfig, run
-from capfilt.reader import read_shard
-from capfilt.scorer import Scorer, ScorerConfig
-from capfilt.selection import Candidate, SelectionConfig, select
-from capfilt.synth import SynthConfig, write_synth
+from capfilt.bootstrap import report
+from capfilt.models.captioner import Captioner, CaptionerConfig
+from capfilt.bootstrap.pipeline import RunConfig, run
+from capfilt.data.reader import read_shard
+from capfilt.models.scorer import Scorer, ScorerConfig
+from capfilt.bootstrap.selection import Candidate, SelectionConfig, select
+from capfilt.data.synth import SynthConfig, write_synth
 from cli import app
 
 SCREENSHOTS = REPO / "bench" / "out"

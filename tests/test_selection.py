@@ -3,8 +3,8 @@
 import pytest
 
 from capfilt import CapfiltError
-from capfilt.selection import Candidate, SelectionConfig, select, unique_candidates
-from capfilt.text import clean_caption
+from capfilt.bootstrap.selection import Candidate, SelectionConfig, select, unique_candidates
+from capfilt.data.text import clean_caption
 
 
 def scored(*scores):

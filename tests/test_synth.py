@@ -4,8 +4,8 @@ import pytest
 from typer.testing import CliRunner
 
 from capfilt import CapfiltError
-from capfilt.reader import decode_image, read_shard
-from capfilt.synth import COLOURS, SynthConfig, write_synth
+from capfilt.data.reader import decode_image, read_shard
+from capfilt.data.synth import COLOURS, SynthConfig, write_synth
 from cli import app
 
 

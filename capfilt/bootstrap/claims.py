@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from capfilt.errors import CapfiltError
-from capfilt.writer import CLAIMS, OVERWRITE_ALONE, stats_path
+from capfilt.data.writer import CLAIMS, OVERWRITE_ALONE, stats_path
 
 
 @dataclass(frozen=True)
@@ -205,9 +205,9 @@ def _child(rank, env, config, captioner_config, scorer_config, selection, result
 
 
 def _run_here(config, captioner_config, scorer_config, selection):
-    from capfilt.captioner import Captioner
-    from capfilt.pipeline import run
-    from capfilt.scorer import Scorer
+    from capfilt.models.captioner import Captioner
+    from capfilt.bootstrap.pipeline import run
+    from capfilt.models.scorer import Scorer
 
     captioner = Captioner(captioner_config) if captioner_config is not None else None
     scorer = Scorer(scorer_config) if scorer_config is not None else None

@@ -15,10 +15,10 @@ import torch
 from transformers import (Blip2ForConditionalGeneration, BlipForConditionalGeneration,
                           InstructBlipForConditionalGeneration)
 
-from capfilt.checkpoint import (ImageTransform, check_dtype, load_image_transform, load_model, load_tokenizer,
+from capfilt.models.loading import (ImageTransform, check_dtype, load_image_transform, load_model, load_tokenizer,
                                 vision_dtype)
 from capfilt.errors import CapfiltError
-from capfilt.qformer import LLM_TOKENIZER, MODEL_TYPE as CAPFILT_QFORMER, QFormerModel
+from capfilt.models.qformer import LLM_TOKENIZER, MODEL_TYPE as CAPFILT_QFORMER, QFormerModel
 
 Sampling = Literal["nucleus", "beam", "greedy"]
 CAPTIONER_CLASSES = {"blip": BlipForConditionalGeneration, "blip-2": Blip2ForConditionalGeneration,

@@ -20,16 +20,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from capfilt import reader
-from capfilt.captioner import Captioner
-from capfilt.checkpoint import one_tower_pass, same_vision_tower
-from capfilt.distributor import Claims, current_rank, job_id
+from capfilt.data import reader
+from capfilt.models.captioner import Captioner
+from capfilt.models.loading import one_tower_pass, same_vision_tower
+from capfilt.bootstrap.claims import Claims, current_rank, job_id
 from capfilt.errors import CapfiltError
-from capfilt.reader import Batch, Sample, ShardEnd, ShardStream
-from capfilt.scorer import Scorer
-from capfilt.selection import SelectionConfig, select, unique_candidates
-from capfilt.text import clean_caption
-from capfilt.writer import (DROPPED, ERROR, OK, OVERWRITE_ALONE, ShardWriter, all_done, check_apart_from_inputs,
+from capfilt.data.reader import Batch, Sample, ShardEnd, ShardStream
+from capfilt.models.scorer import Scorer
+from capfilt.bootstrap.selection import SelectionConfig, select, unique_candidates
+from capfilt.data.text import clean_caption
+from capfilt.data.writer import (DROPPED, ERROR, OK, OVERWRITE_ALONE, ShardWriter, all_done, check_apart_from_inputs,
                             prepare_output, stats_path)
 
 
@@ -56,7 +56,7 @@ class RunConfig:
 
 @dataclass
 class RunSummary:
-    """What this invocation did; `capfilt.stats.summarize(out)` reports on the whole output."""
+    """What this invocation did; `capfilt.bootstrap.stats.summarize(out)` reports on the whole output."""
 
     out: str
     shards_total: int

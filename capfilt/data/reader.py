@@ -290,7 +290,7 @@ def decode_image(data: bytes) -> Image.Image:
 class ShardStream(IterableDataset):
     """Reads shards and yields `Batch`es and `ShardEnd`s. Each DataLoader worker reads whole shards, so decoding
     runs in parallel and a batch never mixes shards: with `claim` (shard name -> may I?), whichever shard it
-    claims next (`capfilt.distributor.Claims`: shared with other processes too); without, shard i goes to
+    claims next (`capfilt.bootstrap.claims.Claims`: shared with other processes too); without, shard i goes to
     worker i mod n."""
 
     def __init__(

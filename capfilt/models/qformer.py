@@ -34,8 +34,9 @@ from transformers.models.blip_2.configuration_blip_2 import Blip2QFormerConfig
 from transformers.models.blip.modeling_blip import BlipVisionModel
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2TextEmbeddings, Blip2VisionModel
 
-from capfilt import efficientnet, losses  # importing efficientnet registers it with AutoConfig / AutoModel
-from capfilt.checkpoint import load_config, load_image_transform, load_tokenizer
+from capfilt.models import efficientnet  # noqa: F401  importing it registers it with AutoConfig / AutoModel
+from capfilt.models import losses
+from capfilt.models.loading import load_config, load_image_transform, load_tokenizer
 from capfilt.errors import CapfiltError
 
 MODEL_TYPE = "capfilt-qformer"

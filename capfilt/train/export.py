@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-from capfilt.checkpoint import load_config
+from capfilt.models.loading import load_config
 from capfilt.errors import CapfiltError
-from capfilt.qformer import MODEL_TYPE, TEXT_FFN, QFormerModel
+from capfilt.models.qformer import MODEL_TYPE, TEXT_FFN, QFormerModel
 
 LLM_TOKENIZER = "llm_tokenizer"  # the subfolder a stage-2 run directory keeps the LLM tokenizer in
 ALWAYS_DROPPED = re.compile(r"^(itg_head\.|temp$)")

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from capfilt.errors import CapfiltError
-from capfilt.writer import MANIFEST, recorded_shards, shard_files, stats_path
+from capfilt.data.writer import MANIFEST, recorded_shards, shard_files, stats_path
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -135,7 +135,7 @@ class NoiseReport:
 
 def noise_report(specs: list[str], out: Path, is_noisy, examples: int = 3) -> NoiseReport:
     """Compare an output directory with the ground truth in its input shards' json (`is_noisy(meta)`)."""
-    from capfilt.reader import expand_specs, read_shard, shard_name
+    from capfilt.data.reader import expand_specs, read_shard, shard_name
 
     truth = {}
     for url in expand_specs(specs):

@@ -22,8 +22,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from capfilt.errors import CapfiltError
-from capfilt.reader import CORRUPT_IMAGE, MISSING_CAPTION, Sample, decode_image, die_with_parent, read_shard, shard_name
-from capfilt.text import clean_caption
+from capfilt.data.reader import (CORRUPT_IMAGE, MISSING_CAPTION, Sample, decode_image, die_with_parent, read_shard,
+                                 shard_name)
+from capfilt.data.text import clean_caption
 
 
 @dataclass
