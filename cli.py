@@ -107,7 +107,8 @@ def _scorer_config(model, device, dtype):
 
 def _run(specs, out, overwrite, batch_size, workers, seed, clean_text, retries, quiet, processes, captioner=None,
          scorer=None, selection=None):
-    from capfilt.bootstrap.claims import current_rank, run_job
+    from capfilt.launcher import current_rank
+    from capfilt.bootstrap.launch import run_job
     from capfilt.bootstrap.pipeline import RunConfig
 
     config = RunConfig(specs=tuple(specs), out=str(out), batch_size=batch_size, workers=workers, seed=seed,

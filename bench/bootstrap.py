@@ -59,8 +59,8 @@ import torch
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor
 
 from capfilt.models.captioner import Captioner, CaptionerConfig
-from capfilt.models.loading import one_tower_pass, same_vision_tower
-from capfilt.bootstrap.claims import run_job
+from capfilt.models.towers import one_tower_pass, same_vision_tower
+from capfilt.bootstrap.launch import run_job
 from capfilt.bootstrap.pipeline import RunConfig, batch_seed, run, shared_transforms
 from capfilt.data.reader import Batch, ShardStream, decode_image, expand_specs, read_shard
 from capfilt.models.scorer import Scorer, ScorerConfig, enc_token_id

@@ -48,7 +48,8 @@ from typing import Callable, Iterator
 import torch
 from accelerate import Accelerator
 
-from capfilt.train.pretrain import OptimConfig, PretrainConfig, build, fit, shard_batches
+from capfilt.train.pretrain import OptimConfig, PretrainConfig, fit, shard_batches
+from capfilt.train.parts import build
 from capfilt.models.qformer import QFormerShape
 from capfilt.data.synth import SynthConfig, write_synth
 from capfilt.testing import build_tiny_qformer_parts

@@ -8,7 +8,8 @@ import sys
 import torch
 from accelerate import Accelerator
 
-from capfilt.train.pretrain import OptimConfig, fit, load_parts
+from capfilt.train.pretrain import OptimConfig, fit
+from capfilt.train.parts import load_parts
 
 GLOBAL_BATCH = 8
 STEPS = 3

@@ -17,7 +17,8 @@ import pytest
 from conftest import demo_samples, read_json, write_tar
 from typer.testing import CliRunner
 
-from capfilt.bootstrap.claims import Claims, Rank, current_rank, job_id
+from capfilt.bootstrap.claims import Claims, job_id
+from capfilt.launcher import Rank, current_rank
 from capfilt.errors import CapfiltError
 from cli import app
 
@@ -92,14 +93,14 @@ def test_job_id_comes_from_the_launcher(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CAPFILT_JOB_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID",
                 "SLURM_PROCID", "SLURM_NTASKS", "SLURM_RESTART_COUNT", "MASTER_ADDR"):
         monkeypatch.delenv(var, raising=False)
-    assert current_rank() == Rank(0, 1, 0) and job_id(current_rank()) != job_id(current_rank())  # a fresh attempt
+    assert current_rank() == Rank(0, 1) and job_id(current_rank()) != job_id(current_rank())  # a fresh attempt
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(CapfiltError, match="CAPFILT_JOB_ID"):
         job_id(current_rank())
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    assert current_rank() == Rank(1, 2, 0) and job_id(current_rank()) == "torchrun-abc-1"
+    assert current_rank() == Rank(1, 2) and job_id(current_rank()) == "torchrun-abc-1"
     monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
     assert job_id(current_rank()) == "torchrun-abc-1-requeue3"
 
@@ -132,8 +133,8 @@ def _free_port() -> int:
 
 def test_ranks_without_a_launcher_id_agree_on_each_run(tmp_path):
     """MASTER_ADDR / MASTER_PORT only (rank 0 serves the store): every run in a process agrees on a new id."""
-    code = ("from capfilt.bootstrap.claims import current_rank, job_id; me = current_rank(); "
-            "print(job_id(me), job_id(me))")
+    code = ("from capfilt.bootstrap.claims import job_id; from capfilt.launcher import current_rank; "
+            "me = current_rank(); print(job_id(me), job_id(me))")
     env = {k: v for k, v in os.environ.items() if k not in ("CAPFILT_JOB_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID")}
     env.update(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     ranks = [subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,

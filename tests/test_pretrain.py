@@ -19,8 +19,9 @@ from capfilt.models.loading import ImageTransform
 from capfilt.train.evaluate import evaluate
 from capfilt.data.pairs import PairStream
 from capfilt.models.captioner import Captioner, CaptionerConfig
-from capfilt.train.pretrain import (OptimConfig, Parts, TRAINER_STATE, Tokenize, _save_checkpoint, fit, load_parts,
-                             save_parts)
+from capfilt.train.pretrain import OptimConfig, fit
+from capfilt.train.parts import Parts, Tokenize, load_parts, save_parts
+from capfilt.train.rundir import TRAINER_STATE, save_checkpoint
 from capfilt.models.qformer import QFormerShape, build_stage1, qformer_tokenizer
 from capfilt.data.synth import SynthConfig, write_synth
 from capfilt.testing import build_tiny_qformer_parts
@@ -97,7 +98,7 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(parts_paths, tmp_p
     start = {k: v.clone() for k, v in parts.model.state_dict().items()}
 
     def save(model, state, step):
-        _save_checkpoint(parts, model, state, tmp_path, step, keep=2)
+        save_checkpoint(parts, model, state, tmp_path, step, keep=2)
 
     fit(parts.model, _cycle(rows), optim, Accelerator(cpu=True), save_every=3, save=save, seed=5)
     uninterrupted = parts.model.state_dict()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from capfilt.models import losses
 from capfilt.data.pairs import PairBatch
-from capfilt.train.pretrain import Tokenize
+from capfilt.train.parts import Tokenize
 from capfilt.models.qformer import QFormerModel, QFormerShape, attach_language_model, build_stage1, qformer_tokenizer
 from capfilt.testing import build_tiny_qformer_parts
 

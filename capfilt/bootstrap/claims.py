@@ -1,4 +1,4 @@
-"""Spreading `caption` / `filter` / `bootstrap` over processes and nodes: who am I, which shard next.
+"""Which shard next, for `caption` / `filter` / `bootstrap` over processes and nodes: the job id and shard claims.
 
 Work is split by shard, dynamically: a process (or one of its DataLoader workers) claims the next input shard by
 creating `OUT/.claims/JOB/NAME` with O_CREAT | O_EXCL, which exactly one creator wins, also on NFS. Fast
@@ -15,35 +15,16 @@ redoes exactly the shards without a stats file.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
-import queue
 import shutil
 import socket
 import time
 import uuid
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 from capfilt.errors import CapfiltError
-from capfilt.data.writer import CLAIMS, OVERWRITE_ALONE, stats_path
-
-
-@dataclass(frozen=True)
-class Rank:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-
-def current_rank() -> Rank:
-    """This process's place in the job, from torchrun / accelerate (RANK, WORLD_SIZE, LOCAL_RANK) or Slurm."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return Rank(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return Rank(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
-    return Rank()
+from capfilt.launcher import Rank
+from capfilt.data.writer import CLAIMS, stats_path
 
 
 def job_id(me: Rank) -> str:
@@ -149,77 +130,3 @@ class Claims:
                 directory.rmdir()
             except OSError:
                 break
-
-
-# ----------------------------------------------------------------------------------------------- --processes
-
-
-def run_job(config, captioner_config=None, scorer_config=None, selection=None, processes: int = 1):
-    """Build the models and run; with `processes` > 1, in that many local processes (spawned, one per GPU when
-    there are GPUs), which split the shards between them. Returns this process's (or rank 0's) RunSummary."""
-    if processes < 1:
-        raise CapfiltError("--processes must be at least 1")
-    if processes == 1:
-        return _run_here(config, captioner_config, scorer_config, selection)
-    if current_rank().world_size > 1:
-        raise CapfiltError("--processes is for a single launch; under torchrun / accelerate / srun leave it at 1")
-    if config.overwrite:
-        raise CapfiltError(OVERWRITE_ALONE)
-    env = {"CAPFILT_JOB_ID": f"local-{uuid.uuid4().hex}", "WORLD_SIZE": str(processes)}
-    context = multiprocessing.get_context("spawn")  # CUDA and fork do not mix
-    results = context.Queue()
-    children = [context.Process(target=_child, args=(rank, env, config, captioner_config, scorer_config,
-                                                     selection, results)) for rank in range(processes)]
-    for child in children:
-        child.start()
-    summaries = {}
-    while any(child.is_alive() for child in children) or not results.empty():
-        try:
-            rank, summary = results.get(timeout=0.5)  # drained while they run: a full pipe would block a child
-            summaries[rank] = summary
-        except queue.Empty:
-            pass
-    for child in children:
-        child.join()
-    errors = [s for s in summaries.values() if isinstance(s, CapfiltError)]
-    if errors:
-        raise errors[0]
-    failed = [r for r, c in enumerate(children) if c.exitcode != 0]
-    if failed:
-        raise CapfiltError(f"process(es) {failed} of {processes} failed (exit codes "
-                           f"{[children[r].exitcode for r in failed]}); rerun the same command to finish the job")
-    return _merge(list(summaries.values()))
-
-
-def _child(rank, env, config, captioner_config, scorer_config, selection, results) -> None:
-    import torch
-
-    os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(env["WORLD_SIZE"])))
-    if rank != 0:
-        config = replace(config, progress=False)
-    try:
-        results.put((rank, _run_here(config, captioner_config, scorer_config, selection)))
-    except CapfiltError as exc:  # a user error (bad model, bad output dir): the parent reports it as its own
-        results.put((rank, exc))
-
-
-def _run_here(config, captioner_config, scorer_config, selection):
-    from capfilt.models.captioner import Captioner
-    from capfilt.bootstrap.pipeline import run
-    from capfilt.models.scorer import Scorer
-
-    captioner = Captioner(captioner_config) if captioner_config is not None else None
-    scorer = Scorer(scorer_config) if scorer_config is not None else None
-    return run(config, captioner, scorer, selection)
-
-
-def _merge(summaries):
-    total = summaries[0]
-    for other in summaries[1:]:
-        total.shards_done += other.shards_done
-        total.shards_failed.update(other.shards_failed)
-        total.samples += other.samples
-        total.written += other.written
-        total.duration_s = max(total.duration_s, other.duration_s)
-    return total

@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 
 from capfilt.data import reader
 from capfilt.models.captioner import Captioner
-from capfilt.models.loading import one_tower_pass, same_vision_tower
-from capfilt.bootstrap.claims import Claims, current_rank, job_id
+from capfilt.models.towers import one_tower_pass, same_vision_tower
+from capfilt.bootstrap.claims import Claims, job_id
+from capfilt.launcher import current_rank
 from capfilt.errors import CapfiltError
 from capfilt.data.reader import Batch, Sample, ShardEnd, ShardStream
 from capfilt.models.scorer import Scorer

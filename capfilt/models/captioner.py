@@ -16,7 +16,7 @@ from transformers import (Blip2ForConditionalGeneration, BlipForConditionalGener
                           InstructBlipForConditionalGeneration)
 
 from capfilt.models.loading import (ImageTransform, check_dtype, load_image_transform, load_model, load_tokenizer,
-                                vision_dtype)
+                                    vision_dtype)
 from capfilt.errors import CapfiltError
 from capfilt.models.qformer import LLM_TOKENIZER, MODEL_TYPE as CAPFILT_QFORMER, QFormerModel
 

@@ -12,7 +12,7 @@ import torch
 from transformers import Blip2ForImageTextRetrieval, BlipForImageTextRetrieval
 
 from capfilt.models.loading import (ImageTransform, check_dtype, load_image_transform, load_model, load_tokenizer,
-                                vision_dtype)
+                                    vision_dtype)
 from capfilt.errors import CapfiltError
 from capfilt.models.qformer import MODEL_TYPE as CAPFILT_QFORMER, QFormerModel
 

@@ -150,7 +150,7 @@ class EvalConfig:
 
 def run(config: EvalConfig) -> EvalReport:
     """Load the model with its tokenizers and image processor, read every sample of `specs` once, evaluate."""
-    from capfilt.train.pretrain import Tokenize, load_parts
+    from capfilt.train.parts import Tokenize, load_parts
 
     parts = load_parts(config.model)
     model = parts.model.to(resolve_device(config.device))

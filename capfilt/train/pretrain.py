@@ -5,13 +5,7 @@ Reads top to bottom: settings, setup (the run directory and resume), build (mode
 fit (the loop), save. Optimisation follows BLIP-2: AdamW (0.9, 0.98), weight decay 0.05, linear warm-up
 then cosine decay, plus gradient clipping.
 
-Run directory:
-    capfilt_pretrain.json        the settings (a second run must `--resume` with the same stage)
-    metrics.jsonl                one line per logged step: losses, lr, samples/s, skipped samples
-    checkpoints/step-NNNNNNN/    model + tokenizers + image processor; trainer_state.pt written last
-    config.json, model.safetensors, tokenizer, preprocessor_config.json, llm_tokenizer/
-                                 the final model, so the run directory itself is a `from_pretrained`
-                                 checkpoint (`--captioner`, `--filter`, `capfilt eval`)
+The run directory (settings, checkpoints, the final model at its root) is `capfilt.train.rundir`'s.
 """
 
 from __future__ import annotations
@@ -19,10 +13,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -30,15 +22,15 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from capfilt.errors import CapfiltError
-from capfilt.data.pairs import PairBatch, PairStream, load_pairs
-from capfilt.models.qformer import (LLM_TOKENIZER, QFormerModel, QFormerShape, attach_language_model, build_stage1,
-                             qformer_tokenizer, vision_image_processor)
-from capfilt.models.loading import ImageTransform, load_tokenizer, resolve_device
+from capfilt.data.pairs import PairStream, load_pairs
 from capfilt.data.reader import expand_specs
+from capfilt.errors import CapfiltError
+from capfilt.models.loading import ImageTransform, resolve_device
+from capfilt.models.qformer import QFormerModel, QFormerShape
+from capfilt.train.parts import Parts, Tokenize, build
+from capfilt.train.rundir import (METRICS, SETTINGS, TRAINER_STATE, flat_settings, latest_checkpoint, prepare_run_dir,
+                                  publish_final, run_settings, save_checkpoint)
 
-SETTINGS = "capfilt_pretrain.json"
-TRAINER_STATE = "trainer_state.pt"
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
 
@@ -136,114 +128,7 @@ def _accelerator(config: PretrainConfig) -> Accelerator:
                        log_with=list(config.log_with) or None, project_dir=config.out)
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest checkpoint whose trainer state (written last) exists."""
-    done = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / TRAINER_STATE).is_file())
-    return done[-1] if done else None
-
-
-def _prepare_out(config: PretrainConfig) -> Path | None:
-    """Check the run directory against the settings; returns the checkpoint to resume from, if any."""
-    out = Path(config.out)
-    settings_file = out / SETTINGS
-    if settings_file.is_file():
-        saved = json.loads(settings_file.read_text())
-        if not config.resume:
-            raise CapfiltError(f"{out} already holds a pre-training run: pass --resume to continue it, or a new --out")
-        if saved["stage"] != config.stage:
-            raise CapfiltError(f"{out} holds a stage-{saved['stage']} run; cannot resume it as stage {config.stage}")
-        return latest_checkpoint(out)
-    if config.resume:
-        raise CapfiltError(f"--resume: {out} holds no pre-training run")
-    if out.exists() and any(out.iterdir()):
-        raise CapfiltError(f"{out} exists and is not empty: choose a new --out")
-    return None
-
-
 # ----------------------------------------------------------------------------------------------- build
-
-
-@dataclass
-class Tokenize:
-    """PairBatch -> the model's keyword arguments. Stage 1: Q-Former tokens padded to max_text_length (fixed
-    shapes, so ranks can gather them). Stage 2: LLM tokens `prompt + caption + eos`, loss only on the caption
-    and eos."""
-
-    stage: int
-    tokenizer: object
-    max_text_length: int
-    llm_tokenizer: object = None
-    prompt: str = ""
-
-    def __call__(self, batch: PairBatch) -> dict[str, torch.Tensor]:
-        if self.stage == 1:
-            tokens = self.tokenizer(batch.captions, padding="max_length", truncation=True,
-                                    max_length=self.max_text_length, return_tensors="pt")
-            return dict(pixel_values=batch.pixel_values, input_ids=tokens.input_ids,
-                        attention_mask=tokens.attention_mask, sample_ids=batch.sample_ids)
-        tok = self.llm_tokenizer
-        # The caption follows the prompt after one space, tokenized as one text (LAVIS's way), so a byte-level
-        # BPE LLM sees "of Ġa" as in its own training, never a lone-space token ("of Ġ a"); the captioner then
-        # prompts with the same stripped text.
-        prompt_text = self.prompt.rstrip()
-        prompt = tok(prompt_text).input_ids
-        rows = []
-        for caption in batch.captions:
-            ids = tok(f"{prompt_text} {caption}" if prompt_text else caption).input_ids
-            if ids[: len(prompt)] != prompt:  # a tokenizer that merges across the space: keep the parts apart
-                ids = prompt + tok(caption, add_special_tokens=False).input_ids
-            rows.append(ids[: len(prompt) + self.max_text_length] + [tok.eos_token_id])
-        length = max(map(len, rows))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        ids = torch.full((len(rows), length), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, -100)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-            labels[i, len(prompt) : len(row)] = ids[i, len(prompt) : len(row)]
-        return dict(pixel_values=batch.pixel_values, llm_input_ids=ids, llm_attention_mask=mask, llm_labels=labels)
-
-
-@dataclass
-class Parts:
-    model: QFormerModel
-    tokenizer: object
-    llm_tokenizer: object
-    image_processor: object
-
-
-def build(config: PretrainConfig, resume_from: Path | None) -> Parts:
-    if resume_from is not None:
-        return load_parts(str(resume_from))
-    if config.stage == 1:
-        tokenizer = qformer_tokenizer(config.tokenizer or config.shape.init_from)
-        model = build_stage1(config.vision, tokenizer, config.shape)
-        return Parts(model, tokenizer, None, vision_image_processor(config.vision, model.vision_model))
-    stage1 = load_parts(config.init)
-    if stage1.model.has_language_model:
-        raise CapfiltError(f"--init {config.init!r} is already a stage-2 model; give a stage-1 run directory")
-    model = attach_language_model(stage1.model, config.llm, config.prompt)
-    return Parts(model, stage1.tokenizer, load_tokenizer(config.llm, "LLM"), stage1.image_processor)
-
-
-def load_parts(path: str) -> Parts:
-    from transformers import AutoImageProcessor
-
-    if not (Path(path) / "config.json").is_file():
-        raise CapfiltError(f"{path!r} holds no finished model (no config.json)")
-    model = QFormerModel.from_pretrained(path)
-    llm_tokenizer = load_tokenizer(path, "LLM", subfolder=LLM_TOKENIZER) if model.has_language_model else None
-    return Parts(model, load_tokenizer(path, "Q-Former"), llm_tokenizer, AutoImageProcessor.from_pretrained(path))
-
-
-def save_parts(parts: Parts, model: QFormerModel, path: Path) -> None:
-    """A complete `from_pretrained` directory: model, tokenizers, image processor."""
-    model.save_pretrained(path)
-    parts.tokenizer.save_pretrained(path)
-    parts.image_processor.save_pretrained(path)
-    if parts.llm_tokenizer is not None:
-        parts.llm_tokenizer.save_pretrained(path / LLM_TOKENIZER)
 
 
 def shard_batches(config: PretrainConfig, parts: Parts, accelerator: Accelerator,
@@ -266,7 +151,7 @@ def pretrain(config: PretrainConfig) -> PretrainSummary:
     """Set up, build, fit, save. Every process of a multi-process launch runs this."""
     accelerator = _accelerator(config)
     out = Path(config.out)
-    resume_from = _prepare_out(config) if accelerator.is_main_process else None
+    resume_from = prepare_run_dir(config) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         resume_from = latest_checkpoint(out) if config.resume else None
@@ -279,8 +164,8 @@ def pretrain(config: PretrainConfig) -> PretrainSummary:
             raise CapfiltError(f"{out} is already at step {start_step}; raise --steps to train further")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / SETTINGS).write_text(json.dumps(_settings(config), indent=2))
-    accelerator.init_trackers("capfilt-pretrain", config=_flat(_settings(config)))
+        (out / SETTINGS).write_text(json.dumps(run_settings(config), indent=2))
+    accelerator.init_trackers("capfilt-pretrain", config=flat_settings(run_settings(config)))
     skipped: dict[str, int] = {}
     samples = 0
 
@@ -290,15 +175,15 @@ def pretrain(config: PretrainConfig) -> PretrainSummary:
         _count(skipped, values.get("skipped", {}))
         accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=values["step"])
         if accelerator.is_main_process:
-            with open(out / "metrics.jsonl", "a") as f:
+            with open(out / METRICS, "a") as f:
                 f.write(json.dumps(values) + "\n")
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
 
     def save(model: QFormerModel, state: dict, step: int) -> None:
         if accelerator.is_main_process:
-            _save_checkpoint(parts, model, state, out, step, config.keep_checkpoints)
+            save_checkpoint(parts, model, state, out, step, config.keep_checkpoints)
             if step == config.optim.steps:
-                _publish(out / "checkpoints" / f"step-{step:07d}", out)
+                publish_final(out / "checkpoints" / f"step-{step:07d}", out)
         accelerator.wait_for_everyone()
 
     last = fit(parts.model, lambda start: shard_batches(config, parts, accelerator, start), config.optim,
@@ -306,51 +191,6 @@ def pretrain(config: PretrainConfig) -> PretrainSummary:
                log_every=config.log_every, save_every=config.save_every, save=save, log=log)
     accelerator.end_training()
     return PretrainSummary(str(out), config.optim.steps, samples, skipped, last, accelerator.is_main_process)
-
-
-def _settings(config: PretrainConfig) -> dict:
-    settings = asdict(config)
-    settings.pop("resume")
-    return settings
-
-
-def _flat(settings: dict, prefix: str = "") -> dict:
-    """Trackers take flat scalar hyper-parameters."""
-    flat = {}
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
-
-
-def _save_checkpoint(parts: Parts, model: QFormerModel, state: dict, out: Path, step: int, keep: int) -> None:
-    """checkpoints/step-N written under a temporary name, renamed when complete; the oldest are pruned."""
-    final = out / "checkpoints" / f"step-{step:07d}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_parts(parts, model, tmp)
-    torch.save(state, tmp / TRAINER_STATE)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(p for p in final.parent.glob("step-*") if not p.name.endswith(".tmp"))[:-keep]:
-        shutil.rmtree(old)
-
-
-def _publish(checkpoint: Path, out: Path) -> None:
-    """The final model goes to the run directory's root, config.json last: without it the root is no model."""
-    (out / "config.json").unlink(missing_ok=True)
-    for item in sorted(checkpoint.iterdir(), key=lambda p: p.name == "config.json"):
-        if item.name == TRAINER_STATE:
-            continue
-        target = out / item.name
-        if item.is_dir():
-            shutil.rmtree(target, ignore_errors=True)
-            shutil.copytree(item, target)
-        else:
-            shutil.copyfile(item, target.with_name(target.name + ".tmp"))
-            os.replace(target.with_name(target.name + ".tmp"), target)
 
 
 # ----------------------------------------------------------------------------------------------- fit
