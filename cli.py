@@ -107,9 +107,9 @@ def _scorer_config(model, device, dtype):
 
 def _run(specs, out, overwrite, batch_size, workers, seed, clean_text, retries, quiet, processes, captioner=None,
          scorer=None, selection=None):
-    from capfilt.launcher import current_rank
     from capfilt.bootstrap.launch import run_job
     from capfilt.bootstrap.pipeline import RunConfig
+    from capfilt.launcher import current_rank
 
     config = RunConfig(specs=tuple(specs), out=str(out), batch_size=batch_size, workers=workers, seed=seed,
                        clean_text=clean_text, overwrite=overwrite, retries=retries, progress=not quiet)
@@ -318,8 +318,9 @@ def pretrain(
 ):
     """Pre-train a BLIP-2 Q-Former on shards (bootstrap output or img2dataset). Runs as is under
     `accelerate launch` or `torchrun` for several processes and nodes."""
-    from capfilt.train.pretrain import OptimConfig, PretrainConfig, pretrain as run_pretrain
     from capfilt.models.qformer import QFormerShape
+    from capfilt.train.pretrain import OptimConfig, PretrainConfig
+    from capfilt.train.pretrain import pretrain as run_pretrain
 
     with _user_errors():
         config = PretrainConfig(

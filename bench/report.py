@@ -25,9 +25,10 @@ log = logging.getLogger("bench.report")
 
 
 def make_output(root: Path, rows: int, per_shard: int, seed: int = 0) -> Path:
-    from capfilt.data import reader
     from capfilt.bootstrap.pipeline import input_location, write_candidates
-    from capfilt.bootstrap.selection import Candidate, SelectionConfig
+    from capfilt.bootstrap.selection import SelectionConfig
+    from capfilt.data import reader
+    from capfilt.data.schema import Candidate
     from capfilt.data.synth import SynthConfig, write_synth
     from capfilt.data.writer import ShardWriter, prepare_output
 

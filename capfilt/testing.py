@@ -105,8 +105,14 @@ def build_tiny_models(root: Path, hidden: int = 32, layers: int = 2, image_size:
     """Save four random checkpoints under `root`; returns their paths by role:
     blip_captioner, blip_itm (BLIP), blip2_captioner (tiny OPT as the LLM), blip2_itm (without `blip2`: BLIP's
     two only)."""
-    from transformers import (Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Processor,
-                              BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor)
+    from transformers import (
+        Blip2ForConditionalGeneration,
+        Blip2ForImageTextRetrieval,
+        Blip2Processor,
+        BlipForConditionalGeneration,
+        BlipForImageTextRetrieval,
+        BlipProcessor,
+    )
 
     root = Path(root)
     torch.manual_seed(seed)
@@ -198,9 +204,15 @@ def build_hub_models(files: Path, root: Path, seed: int = 0) -> dict[str, str]:
     BLIP-2 config as an ITM model with a BERT tokenizer plus `[DEC]`, as blip2-itm-vit-g has)."""
     import json
 
-    from transformers import (AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration,
-                              Blip2ForImageTextRetrieval, BlipConfig, BlipForConditionalGeneration,
-                              BlipForImageTextRetrieval)
+    from transformers import (
+        AutoTokenizer,
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2ForImageTextRetrieval,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipForImageTextRetrieval,
+    )
 
     files, root = Path(files), Path(root)
     torch.manual_seed(seed)
@@ -275,8 +287,12 @@ def build_instructblip(files: Path, path: Path, llm: str = "t5", seed: int = 0) 
     the instruction through the real BERT vocabulary plus `[DEC]`; saved with InstructBlipProcessor."""
     import json
 
-    from transformers import (AutoTokenizer, InstructBlipConfig, InstructBlipForConditionalGeneration,
-                              InstructBlipProcessor)
+    from transformers import (
+        AutoTokenizer,
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+        InstructBlipProcessor,
+    )
 
     files, path = Path(files), Path(path)
     torch.manual_seed(seed)

@@ -77,16 +77,16 @@ class DemoSummary:
 def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoSummary:
     import torch
 
+    from capfilt.bootstrap.pipeline import RunConfig, run
+    from capfilt.bootstrap.report import ReportConfig, write_report
+    from capfilt.bootstrap.stats import noise_report
+    from capfilt.data.reader import expand_specs, read_shard
     from capfilt.models.captioner import Captioner, CaptionerConfig
     from capfilt.models.loading import resolve_device
-    from capfilt.train.fetch import FetchConfig, fetch_efficientnet, fetch_smollm2
-    from capfilt.bootstrap.pipeline import RunConfig, run
-    from capfilt.train.pretrain import OptimConfig, PretrainConfig, pretrain
     from capfilt.models.qformer import train_qformer_tokenizer
-    from capfilt.bootstrap.report import ReportConfig, write_report
-    from capfilt.data.reader import expand_specs, read_shard
     from capfilt.models.scorer import Scorer, ScorerConfig
-    from capfilt.bootstrap.stats import noise_report
+    from capfilt.train.fetch import FetchConfig, fetch_efficientnet, fetch_smollm2
+    from capfilt.train.pretrain import OptimConfig, PretrainConfig, pretrain
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

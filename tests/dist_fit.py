@@ -8,8 +8,8 @@ import sys
 import torch
 from accelerate import Accelerator
 
-from capfilt.train.pretrain import OptimConfig, fit
 from capfilt.train.parts import load_parts
+from capfilt.train.pretrain import OptimConfig, fit
 
 GLOBAL_BATCH = 8
 STEPS = 3

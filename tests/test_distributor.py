@@ -18,8 +18,8 @@ from conftest import demo_samples, read_json, write_tar
 from typer.testing import CliRunner
 
 from capfilt.bootstrap.claims import Claims, job_id
-from capfilt.launcher import Rank, current_rank
 from capfilt.errors import CapfiltError
+from capfilt.launcher import Rank, current_rank
 from cli import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +72,8 @@ def test_a_claim_survives_a_finished_peer_removing_the_job_directory(tmp_path, m
 def test_a_rank_that_meets_a_peers_fresh_manifest_joins_the_run(tmp_path, monkeypatch):
     """Ranks start together on an empty --out: one writes the manifest while another is looking at the directory.
     The late one must join the run, not call the directory foreign."""
-    from capfilt.data.writer import MANIFEST, prepare_output
+    from capfilt.data.schema import MANIFEST
+    from capfilt.data.writer import prepare_output
 
     out, settings, real_iterdir = tmp_path / "out", {"batch_size": 3}, Path.iterdir
 

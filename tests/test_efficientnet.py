@@ -10,9 +10,14 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-from capfilt.models.efficientnet import (EfficientNetLiteConfig, EfficientNetLiteModel, from_lukemelas_state_dict,
-                                  image_processor, load_lukemelas_checkpoint)
 from capfilt.errors import CapfiltError
+from capfilt.models.efficientnet import (
+    EfficientNetLiteConfig,
+    EfficientNetLiteModel,
+    from_lukemelas_state_dict,
+    image_processor,
+    load_lukemelas_checkpoint,
+)
 
 TINY = dict(image_size=32, stem_channels=8, blocks=[[1, 3, 1, 8, 8, 1], [4, 5, 2, 8, 12, 2]], hidden_size=16)
 

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from capfilt.errors import CapfiltError
-from capfilt.train.export import export
 from capfilt.models.qformer import QFormerModel, QFormerShape, attach_language_model, build_stage1
 from capfilt.testing import WORDS, _bert_tokenizer, _image_processor, _llm_tokenizer
+from capfilt.train.export import export
 
 SHAPE = QFormerShape(hidden_size=32, num_layers=2, num_heads=2, num_query_tokens=4, embed_dim=16,
                      max_text_length=16, dropout=0.0)

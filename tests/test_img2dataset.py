@@ -13,13 +13,13 @@ import subprocess
 import threading
 from pathlib import Path
 
+import img2dataset_env
 import pyarrow.dataset
 import pytest
 import webdataset as wds
 from conftest import demo_samples
 from typer.testing import CliRunner
 
-import img2dataset_env
 from cli import app
 
 

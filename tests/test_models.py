@@ -8,8 +8,8 @@ from conftest import demo_samples
 from transformers import Blip2ForImageTextRetrieval, BlipForImageTextRetrieval
 
 from capfilt import CapfiltError
-from capfilt.models.captioner import Captioner, CaptionerConfig
 from capfilt.data.reader import decode_image
+from capfilt.models.captioner import Captioner, CaptionerConfig
 from capfilt.models.scorer import Scorer, ScorerConfig
 
 

@@ -18,12 +18,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from capfilt.bootstrap import report
-from capfilt.models.captioner import Captioner, CaptionerConfig
 from capfilt.bootstrap.pipeline import RunConfig, run
+from capfilt.bootstrap.selection import SelectionConfig, select
 from capfilt.data.reader import read_shard
-from capfilt.models.scorer import Scorer, ScorerConfig
-from capfilt.bootstrap.selection import Candidate, SelectionConfig, select
+from capfilt.data.schema import Candidate
 from capfilt.data.synth import SynthConfig, write_synth
+from capfilt.models.captioner import Captioner, CaptionerConfig
+from capfilt.models.scorer import Scorer, ScorerConfig
 from cli import app
 
 SCREENSHOTS = REPO / "bench" / "out"

@@ -8,7 +8,7 @@ import pytest
 from conftest import demo_samples, mixed_shards, read_json, tar_members, write_tar
 from typer.testing import CliRunner
 
-from capfilt.data.writer import MANIFEST, ROW_SCHEMA
+from capfilt.data.schema import MANIFEST, ROW_SCHEMA
 from cli import app
 
 runner = CliRunner()

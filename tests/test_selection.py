@@ -3,7 +3,8 @@
 import pytest
 
 from capfilt import CapfiltError
-from capfilt.bootstrap.selection import Candidate, SelectionConfig, select, unique_candidates
+from capfilt.bootstrap.selection import SelectionConfig, select, unique_candidates
+from capfilt.data.schema import Candidate
 from capfilt.data.text import clean_caption
 
 

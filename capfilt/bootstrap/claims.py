@@ -22,9 +22,9 @@ import time
 import uuid
 from pathlib import Path
 
+from capfilt.data.schema import CLAIMS, stats_path
 from capfilt.errors import CapfiltError
 from capfilt.launcher import Rank
-from capfilt.data.writer import CLAIMS, stats_path
 
 
 def job_id(me: Rank) -> str:

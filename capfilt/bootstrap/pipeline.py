@@ -20,18 +20,27 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from capfilt.data import reader
-from capfilt.models.captioner import Captioner
-from capfilt.models.towers import one_tower_pass, same_vision_tower
 from capfilt.bootstrap.claims import Claims, job_id
-from capfilt.launcher import current_rank
-from capfilt.errors import CapfiltError
-from capfilt.data.reader import Batch, Sample, ShardEnd, ShardStream
-from capfilt.models.scorer import Scorer
 from capfilt.bootstrap.selection import SelectionConfig, select, unique_candidates
+from capfilt.data import reader
+from capfilt.data.reader import Batch, Sample, ShardEnd, ShardStream
+from capfilt.data.schema import (
+    ALL_BELOW_THRESHOLD,
+    DROPPED,
+    ERROR,
+    MISSING_CAPTION,
+    OK,
+    capfilt_block,
+    read_block,
+    stats_path,
+)
 from capfilt.data.text import clean_caption
-from capfilt.data.writer import (DROPPED, ERROR, OK, OVERWRITE_ALONE, ShardWriter, all_done, check_apart_from_inputs,
-                            prepare_output, stats_path)
+from capfilt.data.writer import OVERWRITE_ALONE, ShardWriter, all_done, check_apart_from_inputs, prepare_output
+from capfilt.errors import CapfiltError
+from capfilt.launcher import current_rank
+from capfilt.models.captioner import Captioner
+from capfilt.models.scorer import Scorer
+from capfilt.models.towers import one_tower_pass, same_vision_tower
 
 
 @dataclass(frozen=True)
@@ -269,7 +278,7 @@ def _process(
                 sample.web_caption = clean_caption(sample.web_caption) or None
                 sample.detail = "" if sample.web_caption else "web caption empty after --clean-text"
         if sample.error is None and sample.web_caption is None and captioner is None and not sample.synthetic:
-            sample.error, sample.detail = reader.MISSING_CAPTION, f"{sample.detail}: nothing to score"
+            sample.error, sample.detail = MISSING_CAPTION, f"{sample.detail}: nothing to score"
         if sample.error is None:
             good.append(sample)
 
@@ -306,8 +315,8 @@ def _process(
             continue
         cands = by_key[id(sample)]
         if not cands:  # no web caption, and the captioner's came out empty (--clean-text can do that)
-            stats.count_error(reader.MISSING_CAPTION)
-            writer.add_row(key=sample.key, status=ERROR, reason=reader.MISSING_CAPTION,
+            stats.count_error(MISSING_CAPTION)
+            writer.add_row(key=sample.key, status=ERROR, reason=MISSING_CAPTION,
                            detail=f"{sample.detail}; the synthetic captions are empty")
             continue
         write_candidates(writer, sample, cands, selection, captioner.config.model if captioner is not None else None,
@@ -329,7 +338,7 @@ def write_candidates(writer: ShardWriter, sample: Sample, cands, selection: Sele
                kept_captions=[c.caption for c in kept] if scored else None)
     if not kept:
         stats.dropped += 1
-        writer.add_row(status=DROPPED, reason="all_captions_below_threshold", **row)
+        writer.add_row(status=DROPPED, reason=ALL_BELOW_THRESHOLD, **row)
         return
     stats.written += 1
     if scored:
@@ -342,14 +351,5 @@ def write_candidates(writer: ShardWriter, sample: Sample, cands, selection: Sele
 
 def _output_meta(sample: Sample, cands, captioner_id: str | None, filter_id: str | None,
                  selection: SelectionConfig) -> dict[str, Any]:
-    previous = sample.meta.get("capfilt") or {}
-    capfilt: dict[str, Any] = {
-        "candidates": [{"caption": c.caption, "source": c.source, "score": c.score, "kept": c.kept} for c in cands],
-        "captioner": captioner_id if captioner_id is not None else previous.get("captioner"),
-        "filter": filter_id,
-    }
-    if filter_id is not None:
-        capfilt.update(policy=selection.policy, threshold=selection.threshold)
-        if selection.policy == "blip2":
-            capfilt["keep_top"] = selection.keep_top
-    return {**sample.meta, "capfilt": capfilt}
+    captioner = captioner_id if captioner_id is not None else read_block(sample.meta).get("captioner")
+    return {**sample.meta, "capfilt": capfilt_block(cands, captioner, filter_id, dict(selection.__dict__))}

@@ -22,8 +22,10 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow.parquet as pq
 
+from capfilt.data.files import publish
+from capfilt.data.schema import DROPPED, ERROR, MANIFEST, OK, shard_files, stats_path
+from capfilt.data.writer import recorded_shards
 from capfilt.errors import CapfiltError
-from capfilt.data.writer import DROPPED, ERROR, MANIFEST, OK, recorded_shards, shard_files, stats_path
 
 log = logging.getLogger(__name__)
 
@@ -492,6 +494,6 @@ def write_report(config: ReportConfig) -> Path:
     # Hidden and not ending in .tmp: a half-written page is never taken for a shard left over by a run.
     tmp = html.with_name(f".{html.name}.{os.getpid()}.part")
     tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, html)
+    publish(tmp, html)
     log.info("report of %s written to %s (%d bytes)", out, html, len(text))
     return html

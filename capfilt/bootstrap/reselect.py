@@ -18,12 +18,13 @@ from typing import Any
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from capfilt.data import reader
-from capfilt.errors import CapfiltError
 from capfilt.bootstrap.pipeline import RunSummary, input_location, write_candidates
-from capfilt.bootstrap.selection import Candidate, SelectionConfig
+from capfilt.bootstrap.selection import SelectionConfig
+from capfilt.data import reader
+from capfilt.data.schema import ERROR, MANIFEST, NO_RECORDED_SCORES, Candidate, stats_path
 from capfilt.data.text import clean_caption
-from capfilt.data.writer import ERROR, MANIFEST, ShardWriter, check_apart_from_inputs, prepare_output, stats_path
+from capfilt.data.writer import ShardWriter, check_apart_from_inputs, prepare_output
+from capfilt.errors import CapfiltError
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def _recorded_candidates(sample, row, shard_done: bool, source: Path, clean_text
     run's own error (corrupt image...), or NO_RECORDED_SCORES when scores are missing or belong elsewhere."""
     if row is None:
         why = "no row for this key" if shard_done else "the shard is not finished there"
-        sample.error, sample.detail = reader.NO_RECORDED_SCORES, f"{source}: {why}"
+        sample.error, sample.detail = NO_RECORDED_SCORES, f"{source}: {why}"
         return None
     if row["status"] == ERROR:  # e.g. corrupt_image: found by decoding, which this command does not do
         sample.error, sample.detail, sample.web_caption = row["reason"], row["detail"], row["web_caption"]
@@ -143,10 +144,10 @@ def _recorded_candidates(sample, row, shard_done: bool, source: Path, clean_text
         web = clean_caption(web) or None  # as `run` cleans it
     scores, synthetic = row["synthetic_scores"], row["synthetic_captions"] or []
     if row["web_caption"] != web:
-        sample.error, sample.detail = reader.NO_RECORDED_SCORES, f"{source}: its row holds another web caption"
+        sample.error, sample.detail = NO_RECORDED_SCORES, f"{source}: its row holds another web caption"
     elif (web is not None and row["web_score"] is None) or scores is None or None in scores or \
             len(scores) != len(synthetic) or (web is None and not synthetic):
-        sample.error, sample.detail = reader.NO_RECORDED_SCORES, f"{source}: its row lacks scores"
+        sample.error, sample.detail = NO_RECORDED_SCORES, f"{source}: its row lacks scores"
     else:
         sample.detail = row["detail"] or ""  # e.g. why an image-only sample has no web caption
         return ([Candidate(web, "web", row["web_score"])] if web is not None else []) + [

@@ -5,19 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from capfilt.data.schema import Candidate
 from capfilt.errors import CapfiltError
 
 Policy = Literal["blip", "blip2"]
-
-
-@dataclass
-class Candidate:
-    """One caption of an image. `score` is P(match) from the filter; `kept` is set by `select`."""
-
-    caption: str
-    source: Literal["web", "synthetic"]
-    score: float | None = None
-    kept: bool | None = None
 
 
 @dataclass(frozen=True)

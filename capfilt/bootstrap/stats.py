@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from capfilt.data.schema import MANIFEST, shard_files, stats_path
+from capfilt.data.writer import recorded_shards
 from capfilt.errors import CapfiltError
-from capfilt.data.writer import MANIFEST, recorded_shards, shard_files, stats_path
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 

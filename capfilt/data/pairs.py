@@ -21,10 +21,10 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from capfilt.errors import CapfiltError
-from capfilt.data.reader import (CORRUPT_IMAGE, MISSING_CAPTION, Sample, decode_image, die_with_parent, read_shard,
-                                 shard_name)
+from capfilt.data.reader import Sample, decode_image, die_with_parent, read_shard, shard_name
+from capfilt.data.schema import CORRUPT_IMAGE, MISSING_CAPTION, recorded_kept
 from capfilt.data.text import clean_caption
+from capfilt.errors import CapfiltError
 
 
 @dataclass
@@ -56,9 +56,8 @@ class PairBatch:
 def captions_of(sample: Sample) -> list[str]:
     """The captions a sample offers for training: the kept ones of a `capfilt bootstrap` output, else its
     web caption."""
-    candidates = (sample.meta.get("capfilt") or {}).get("candidates") or []
-    kept = [c["caption"] for c in candidates if c.get("kept")]
-    if candidates and any("kept" in c for c in candidates):
+    kept = recorded_kept(sample.meta)
+    if kept is not None:
         return kept
     return [sample.web_caption] if sample.web_caption else []
 

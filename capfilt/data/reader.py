@@ -25,24 +25,21 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
+from capfilt.data.schema import (
+    BAD_JSON,
+    CAPTION_NOT_UTF8,
+    CORRUPT_IMAGE,
+    DUPLICATE_KEY,
+    EMPTY_TAR,
+    NO_IMAGE,
+    TRUNCATED_TAR,
+    UNREADABLE_TAR,
+    read_candidates,
+)
 from capfilt.errors import CapfiltError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-
-# Reason codes a user sees in the parquet `reason` column and in the stats.
-NO_IMAGE = "no_image"
-CORRUPT_IMAGE = "corrupt_image"
-MISSING_CAPTION = "missing_caption"
-CAPTION_NOT_UTF8 = "caption_not_utf8"
-BAD_JSON = "bad_json"
-EMPTY_TAR = "empty_tar"
-TRUNCATED_TAR = "truncated_tar"
-UNREADABLE_TAR = "unreadable_tar"
-DUPLICATE_KEY = "duplicate_key"
-# `capfilt select`: the run it selects from holds no usable scores for this sample (detail says why).
-NO_RECORDED_SCORES = "no_recorded_scores"
-
 
 # ----------------------------------------------------------------------------------------------- specs
 
@@ -147,10 +144,10 @@ def parse_sample(raw: dict[str, Any]) -> Sample:
 
     # A shard written by capfilt carries its candidates; its web caption is the one marked `web`, if any (the
     # txt member then holds a synthetic caption, never the web one).
-    candidates = (sample.meta.get("capfilt") or {}).get("candidates") or []
-    sample.synthetic = [c["caption"] for c in candidates if c.get("source") == "synthetic"]
+    candidates = read_candidates(sample.meta)
+    sample.synthetic = [c.caption for c in candidates if c.source == "synthetic"]
     if candidates:
-        web = [c["caption"] for c in candidates if c.get("source") == "web"]
+        web = [c.caption for c in candidates if c.source == "web"]
         sample.web_caption, absent = (web[0] if web else None), "no web caption among the capfilt candidates"
     elif "txt" in raw:
         try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from capfilt.data.files import publish, temporary
 from capfilt.errors import CapfiltError
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
@@ -104,11 +104,11 @@ def write_synth(out: Path, config: SynthConfig) -> list[Path]:
     paths = []
     for shard, start in enumerate(range(0, config.n, config.per_shard)):
         path = out / f"synth-{shard:05d}.tar"
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = temporary(path)
         with wds.TarWriter(str(tmp), encoder=False, mtime=0.0) as tar:
             for index in range(start, min(config.n, start + config.per_shard)):
                 tar.write(_sample(config, index, shard, donors))
-        os.replace(tmp, path)
+        publish(tmp, path)
         paths.append(path)
     return paths
 

@@ -8,9 +8,7 @@ and anything else is redone. The manifest names every shard a run may write: the
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,41 +18,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
+from capfilt.data.files import TMP_SUFFIX, atomic_write, publish
+from capfilt.data.schema import (
+    CLAIMS,
+    FORMAT_VERSION,
+    MANIFEST,
+    ROW_SCHEMA,
+    STATS_SUFFIX,
+    TAR_MTIME,
+    shard_files,
+    stats_path,
+)
 from capfilt.errors import CapfiltError
 
-MANIFEST = "capfilt_run.json"
-STATS_SUFFIX = "_stats.json"
-TMP_SUFFIX = ".tmp"
-CLAIMS = ".claims"  # capfilt.bootstrap.claims's shard claims, one directory per job attempt
-# Fixed member mtime: a shard's bytes then depend only on its contents, so a resumed run equals a fresh one.
-TAR_MTIME = 0.0
-
-ROW_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("status", pa.string()),  # ok | dropped | error
-        ("reason", pa.string()),  # reason code for dropped/error rows
-        ("detail", pa.string()),  # the exception or explanation behind the reason
-        ("web_caption", pa.string()),
-        ("web_score", pa.float64()),
-        ("synthetic_captions", pa.list_(pa.string())),
-        ("synthetic_scores", pa.list_(pa.float64())),
-        ("kept_captions", pa.list_(pa.string())),
-    ]
-)
-OK, DROPPED, ERROR = "ok", "dropped", "error"
 OVERWRITE_ALONE = ("--overwrite needs a single process (several would delete each other's new files): run it "
                    "once without a launcher or --processes, or give a new --out")
-
-
-def stats_path(out: Path, shard: str) -> Path:
-    return out / f"{shard}{STATS_SUFFIX}"
-
-
-def shard_files(shard: str) -> list[str]:
-    """The names capfilt writes for a shard, temporary ones included."""
-    names = [f"{shard}.tar", f"{shard}.parquet", f"{shard}{STATS_SUFFIX}"]
-    return names + [name + TMP_SUFFIX for name in names]
 
 
 def recorded_shards(out: Path) -> list[str] | None:
@@ -63,6 +41,9 @@ def recorded_shards(out: Path) -> list[str] | None:
         manifest = json.loads((out / MANIFEST).read_text())
     except FileNotFoundError:
         return None
+    if manifest.get("format", 1) > FORMAT_VERSION:
+        raise CapfiltError(f"{out} holds a run of output format {manifest['format']}, newer than this capfilt's "
+                           f"({FORMAT_VERSION}): upgrade capfilt to read or resume it")
     if "shards" not in manifest:  # written before the manifest named its shards: those with a stats file
         return sorted(p.name[: -len(STATS_SUFFIX)] for p in out.glob(f"*{STATS_SUFFIX}"))
     return manifest["shards"]
@@ -108,7 +89,8 @@ def prepare_output(out: Path, settings: dict[str, Any], overwrite: bool, shards:
         recorded = None
     if new or recorded is None:
         # Every process of a job may get here at once; each writes the same bytes through its own temporary file.
-        manifest = {"settings": settings, "shards": sorted(set(shards) | set(recorded or []))}
+        manifest = {"format": FORMAT_VERSION, "settings": settings,
+                    "shards": sorted(set(shards) | set(recorded or []))}
         atomic_write(out / MANIFEST, json.dumps(manifest, indent=2).encode(), unique=True)
 
 
@@ -125,38 +107,6 @@ def all_done(out: Path) -> bool:
     """Every shard the output's runs took on has its stats file."""
     shards = recorded_shards(out)
     return shards is not None and all(stats_path(out, shard).exists() for shard in shards)
-
-
-def publish(tmp: Path, path: Path) -> None:
-    """Rename a finished temporary file into place durably: its data reaches the disk before its name does, and
-    its name (the directory entry) before anything written later, such as a stats file vouching for it."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    sync_dir(path.parent)
-
-
-def sync_dir(directory: Path) -> None:
-    """Make renames and deletions in `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):  # a filesystem that cannot sync dirs
-            raise
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, unique: bool = False) -> None:
-    """Write `data` to `path` through a temporary file (per process when `unique`) and `publish` it."""
-    tmp = path.with_name(path.name + (f".{os.getpid()}" if unique else "") + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
-    publish(tmp, path)
 
 
 @dataclass

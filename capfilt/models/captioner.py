@@ -12,13 +12,23 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from transformers import (Blip2ForConditionalGeneration, BlipForConditionalGeneration,
-                          InstructBlipForConditionalGeneration)
+from transformers import (
+    Blip2ForConditionalGeneration,
+    BlipForConditionalGeneration,
+    InstructBlipForConditionalGeneration,
+)
 
-from capfilt.models.loading import (ImageTransform, check_dtype, load_image_transform, load_model, load_tokenizer,
-                                    vision_dtype)
 from capfilt.errors import CapfiltError
-from capfilt.models.qformer import LLM_TOKENIZER, MODEL_TYPE as CAPFILT_QFORMER, QFormerModel
+from capfilt.models.loading import (
+    ImageTransform,
+    check_dtype,
+    load_image_transform,
+    load_model,
+    load_tokenizer,
+    vision_dtype,
+)
+from capfilt.models.qformer import LLM_TOKENIZER, QFormerModel
+from capfilt.models.qformer import MODEL_TYPE as CAPFILT_QFORMER
 
 Sampling = Literal["nucleus", "beam", "greedy"]
 CAPTIONER_CLASSES = {"blip": BlipForConditionalGeneration, "blip-2": Blip2ForConditionalGeneration,

@@ -24,20 +24,33 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    PreTrainedConfig,
+    PreTrainedModel,
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers import initialization as init
 from transformers import logging as hf_logging
-from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, LogitsProcessorList,
-                          MinNewTokensLengthLogitsProcessor, PreTrainedConfig, PreTrainedModel,
-                          RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper, initialization as init)
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import ModelOutput
-from transformers.models.blip_2.configuration_blip_2 import Blip2QFormerConfig
 from transformers.models.blip.modeling_blip import BlipVisionModel
+from transformers.models.blip_2.configuration_blip_2 import Blip2QFormerConfig
 from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2TextEmbeddings, Blip2VisionModel
 
-from capfilt.models import efficientnet  # noqa: F401  importing it registers it with AutoConfig / AutoModel
-from capfilt.models import losses
-from capfilt.models.loading import load_config, load_image_transform, load_tokenizer
 from capfilt.errors import CapfiltError
+from capfilt.models import (
+    efficientnet,  # noqa: F401  importing it registers it with AutoConfig / AutoModel
+    losses,
+)
+from capfilt.models.loading import load_config, load_image_transform, load_tokenizer
 
 MODEL_TYPE = "capfilt-qformer"
 LLM_TOKENIZER = "llm_tokenizer"  # a stage-2 model's LLM tokenizer, beside the Q-Former's at the root

@@ -11,10 +11,17 @@ from dataclasses import dataclass
 import torch
 from transformers import Blip2ForImageTextRetrieval, BlipForImageTextRetrieval
 
-from capfilt.models.loading import (ImageTransform, check_dtype, load_image_transform, load_model, load_tokenizer,
-                                    vision_dtype)
 from capfilt.errors import CapfiltError
-from capfilt.models.qformer import MODEL_TYPE as CAPFILT_QFORMER, QFormerModel
+from capfilt.models.loading import (
+    ImageTransform,
+    check_dtype,
+    load_image_transform,
+    load_model,
+    load_tokenizer,
+    vision_dtype,
+)
+from capfilt.models.qformer import MODEL_TYPE as CAPFILT_QFORMER
+from capfilt.models.qformer import QFormerModel
 
 SCORER_CLASSES = {"blip": BlipForImageTextRetrieval, "blip-2": Blip2ForImageTextRetrieval,
                   CAPFILT_QFORMER: QFormerModel}

@@ -9,7 +9,6 @@ import inspect
 import torch
 from transformers import PreTrainedModel
 
-
 # Config entries that say where a tower came from, not what it computes.
 _PROVENANCE = ("_name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version", "_attn_implementation")
 

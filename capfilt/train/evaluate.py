@@ -13,12 +13,12 @@ from typing import Iterable
 
 import torch
 
+from capfilt.data.pairs import PairBatch, PairStream, load_pairs
+from capfilt.data.reader import expand_specs
+from capfilt.errors import CapfiltError
 from capfilt.models import losses
 from capfilt.models.loading import ImageTransform, resolve_device
-from capfilt.errors import CapfiltError
-from capfilt.data.pairs import PairBatch, PairStream, load_pairs
 from capfilt.models.qformer import QFormerModel
-from capfilt.data.reader import expand_specs
 
 RECALL_AT = (1, 5, 10)
 

