@@ -59,12 +59,12 @@ import torch
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor
 
 from capfilt.bootstrap.launch import run_job
-from capfilt.bootstrap.pipeline import RunConfig, batch_seed, run, shared_transforms
-from capfilt.bootstrap.selection import SelectionConfig
+from capfilt.bootstrap.pipeline import batch_seed, run, shared_transforms
 from capfilt.data.reader import Batch, ShardStream, decode_image, expand_specs, read_shard
-from capfilt.models.captioner import Captioner, CaptionerConfig
-from capfilt.models.scorer import Scorer, ScorerConfig, enc_token_id
+from capfilt.models.captioner import Captioner
+from capfilt.models.scorer import Scorer, enc_token_id
 from capfilt.models.towers import one_tower_pass, same_vision_tower
+from capfilt.settings import CaptionerConfig, RunConfig, ScorerConfig, SelectionConfig
 from capfilt.testing import blip2_filter_on_captioner_tower, build_tiny_models
 
 SIZES = {"tiny": dict(hidden=32, layers=2, image_size=32, patch=8),

@@ -44,17 +44,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from capfilt.bootstrap.pipeline import RunConfig, run  # noqa: E402
-from capfilt.bootstrap.stats import noise_report  # noqa: E402
+from capfilt.bootstrap.pipeline import run
+from capfilt.bootstrap.truth import noise_report  # noqa: E402
 from capfilt.data.reader import read_shard  # noqa: E402
-from capfilt.data.synth import SynthConfig, write_synth  # noqa: E402
-from capfilt.models.captioner import Captioner, CaptionerConfig  # noqa: E402
-from capfilt.models.qformer import QFormerShape  # noqa: E402
-from capfilt.models.scorer import Scorer, ScorerConfig  # noqa: E402
+from capfilt.data.synth import write_synth
+from capfilt.models.captioner import Captioner  # noqa: E402
+from capfilt.models.scorer import Scorer  # noqa: E402
+from capfilt.settings import (  # noqa: E402
+    CaptionerConfig,
+    EvalConfig,  # noqa: E402
+    OptimConfig,
+    PretrainConfig,
+    QFormerShape,  # noqa: E402
+    RunConfig,  # noqa: E402
+    ScorerConfig,
+    SynthConfig,  # noqa: E402
+)
 from capfilt.testing import build_tiny_qformer_parts  # noqa: E402
-from capfilt.train.evaluate import EvalConfig  # noqa: E402
 from capfilt.train.evaluate import run as evaluate
-from capfilt.train.pretrain import OptimConfig, PretrainConfig, pretrain  # noqa: E402
+from capfilt.train.pretrain import pretrain
 
 # The test suite's tiny Q-Former: from scratch, a wide init and a high lr are what get ITM learning in minutes.
 SHAPE = QFormerShape(hidden_size=32, num_layers=2, num_heads=2, num_query_tokens=4, embed_dim=16, dropout=0.0,

@@ -48,11 +48,11 @@ from typing import Callable, Iterator
 import torch
 from accelerate import Accelerator
 
-from capfilt.data.synth import SynthConfig, write_synth
-from capfilt.models.qformer import QFormerShape
+from capfilt.data.synth import write_synth
+from capfilt.settings import OptimConfig, PretrainConfig, QFormerShape, SynthConfig
 from capfilt.testing import build_tiny_qformer_parts
 from capfilt.train.parts import build
-from capfilt.train.pretrain import OptimConfig, PretrainConfig, fit, shard_batches
+from capfilt.train.pretrain import fit, shard_batches
 
 KEPT_BATCHES = 16  # in-memory batches, cycled (base: 18 MiB each at batch 32)
 # tower: the frozen BLIP-2 vision model; shape: the Q-Former trained on it.

@@ -26,11 +26,11 @@ log = logging.getLogger("bench.report")
 
 def make_output(root: Path, rows: int, per_shard: int, seed: int = 0) -> Path:
     from capfilt.bootstrap.pipeline import input_location, write_candidates
-    from capfilt.bootstrap.selection import SelectionConfig
     from capfilt.data import reader
     from capfilt.data.schema import Candidate
-    from capfilt.data.synth import SynthConfig, write_synth
+    from capfilt.data.synth import write_synth
     from capfilt.data.writer import ShardWriter, prepare_output
+    from capfilt.settings import SelectionConfig, SynthConfig
 
     inputs, out = root / "in", root / "out"
     write_synth(inputs, SynthConfig(n=rows, per_shard=per_shard, noise=0.3, size=32, seed=seed))

@@ -1,6 +1,39 @@
-"""capfilt: corpus-scale BLIP/BLIP-2 CapFilt over WebDataset shards."""
+"""capfilt: corpus-scale BLIP/BLIP-2 CapFilt over WebDataset shards.
 
+The front door: each step of the loop is one library call, with its config from `capfilt.settings`::
+
+    from capfilt import Captioner, Scorer, run, pretrain, evaluate
+    from capfilt.settings import CaptionerConfig, ScorerConfig, RunConfig
+
+Names are imported on first use, so `import capfilt` (and the CLI's --help) does not import torch.
+"""
+
+from capfilt import log
 from capfilt.errors import CapfiltError
 
-__all__ = ["CapfiltError"]
+# capfilt's messages show by default, as transformers' warnings do: on its own logger, never the root one.
+log.configure()
+
 __version__ = "0.1.0"
+
+_FRONT_DOOR = {
+    "run": "capfilt.bootstrap.pipeline",
+    "run_job": "capfilt.bootstrap.launch",
+    "reselect": "capfilt.bootstrap.reselect",
+    "Captioner": "capfilt.models.captioner",
+    "Scorer": "capfilt.models.scorer",
+    "pretrain": "capfilt.train.pretrain",
+    "evaluate": "capfilt.train.evaluate",
+    "export": "capfilt.train.export",
+}
+__all__ = ["CapfiltError", *_FRONT_DOOR]
+
+
+def __getattr__(name: str):
+    if name not in _FRONT_DOOR:
+        raise AttributeError(f"module 'capfilt' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_FRONT_DOOR[name]), "run" if name == "evaluate" else name)
+    globals()[name] = value
+    return value

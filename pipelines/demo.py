@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from capfilt.models.qformer import QFormerShape
+from capfilt.settings import QFormerShape
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ class DemoSummary:
     out: str
     cleaned: str
     seconds: dict[str, float] = field(default_factory=dict)
-    noise: object = None  # capfilt.bootstrap.stats.NoiseReport
+    noise: object = None  # capfilt.bootstrap.truth.NoiseReport
     report: str = ""  # the cleaned corpus's HTML report
 
     def format(self) -> str:
@@ -77,16 +77,25 @@ class DemoSummary:
 def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> DemoSummary:
     import torch
 
-    from capfilt.bootstrap.pipeline import RunConfig, run
-    from capfilt.bootstrap.report import ReportConfig, write_report
-    from capfilt.bootstrap.stats import noise_report
+    from capfilt.bootstrap.pipeline import run
+    from capfilt.bootstrap.report import write_report
+    from capfilt.bootstrap.truth import noise_report
     from capfilt.data.reader import expand_specs, read_shard
-    from capfilt.models.captioner import Captioner, CaptionerConfig
+    from capfilt.models.captioner import Captioner
     from capfilt.models.loading import resolve_device
     from capfilt.models.qformer import train_qformer_tokenizer
-    from capfilt.models.scorer import Scorer, ScorerConfig
-    from capfilt.train.fetch import FetchConfig, fetch_efficientnet, fetch_smollm2
-    from capfilt.train.pretrain import OptimConfig, PretrainConfig, pretrain
+    from capfilt.models.scorer import Scorer
+    from capfilt.settings import (
+        CaptionerConfig,
+        FetchConfig,
+        OptimConfig,
+        PretrainConfig,
+        ReportConfig,
+        RunConfig,
+        ScorerConfig,
+    )
+    from capfilt.train.fetch import fetch_efficientnet, fetch_smollm2
+    from capfilt.train.pretrain import pretrain
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

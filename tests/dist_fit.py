@@ -8,8 +8,9 @@ import sys
 import torch
 from accelerate import Accelerator
 
+from capfilt.settings import OptimConfig
 from capfilt.train.parts import load_parts
-from capfilt.train.pretrain import OptimConfig, fit
+from capfilt.train.pretrain import fit
 
 GLOBAL_BATCH = 8
 STEPS = 3

@@ -10,10 +10,10 @@ from conftest import demo_samples, mixed_shards, read_json, tar_members, write_t
 from typer.testing import CliRunner
 
 from capfilt.bootstrap import pipeline
-from capfilt.bootstrap.pipeline import RunConfig, run
-from capfilt.bootstrap.selection import SelectionConfig
-from capfilt.models.captioner import Captioner, CaptionerConfig
-from capfilt.models.scorer import Scorer, ScorerConfig
+from capfilt.bootstrap.pipeline import run
+from capfilt.models.captioner import Captioner
+from capfilt.models.scorer import Scorer
+from capfilt.settings import CaptionerConfig, RunConfig, ScorerConfig, SelectionConfig
 from capfilt.testing import blip2_filter_on_captioner_tower
 from cli import app
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 
 from capfilt.data.reader import read_shard
-from capfilt.models.qformer import QFormerShape
+from capfilt.settings import QFormerShape
 from capfilt.testing import build_tiny_qformer_parts
 from pipelines.demo import REPO, DemoConfig, run_demo
 

@@ -143,7 +143,8 @@ def test_lite0_weights_file_is_a_pretrain_tower_and_the_run_a_filter(tmp_path):
     import pyarrow.parquet as pq
     from typer.testing import CliRunner
 
-    from capfilt.data.synth import SynthConfig, write_synth
+    from capfilt.data.synth import write_synth
+    from capfilt.settings import SynthConfig
     from capfilt.testing import _bert_tokenizer
     from cli import app
 

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from capfilt.errors import CapfiltError
-from capfilt.models.qformer import QFormerModel, QFormerShape, attach_language_model, build_stage1
+from capfilt.models.qformer import QFormerModel, attach_language_model, build_stage1
+from capfilt.settings import QFormerShape
 from capfilt.testing import WORDS, _bert_tokenizer, _image_processor, _llm_tokenizer
 from capfilt.train.export import export
 

@@ -17,13 +17,13 @@ from transformers import AutoImageProcessor, AutoModel
 
 from capfilt.errors import CapfiltError
 from capfilt.models.efficientnet import TF_LITE_MEAN, EfficientNetLiteConfig, EfficientNetLiteModel
+from capfilt.settings import FetchConfig
 from capfilt.train import fetch
 from capfilt.train.fetch import (
     EFFICIENTNET_LITE0,
     MARKER,
     MINILM_L6,
     SMOLLM2_135M,
-    FetchConfig,
     fetch_all,
     fetch_efficientnet,
     fetch_smollm2,

@@ -23,8 +23,9 @@ from transformers import (
 from typer.testing import CliRunner
 
 from capfilt.data.reader import decode_image
-from capfilt.models.captioner import Captioner, CaptionerConfig
-from capfilt.models.scorer import Scorer, ScorerConfig
+from capfilt.models.captioner import Captioner
+from capfilt.models.scorer import Scorer
+from capfilt.settings import CaptionerConfig, ScorerConfig
 from capfilt.testing import build_hub_models, build_instructblip
 from cli import app
 

@@ -9,8 +9,9 @@ from transformers import Blip2ForImageTextRetrieval, BlipForImageTextRetrieval
 
 from capfilt import CapfiltError
 from capfilt.data.reader import decode_image
-from capfilt.models.captioner import Captioner, CaptionerConfig
-from capfilt.models.scorer import Scorer, ScorerConfig
+from capfilt.models.captioner import Captioner
+from capfilt.models.scorer import Scorer
+from capfilt.settings import CaptionerConfig, ScorerConfig
 
 
 @pytest.fixture(scope="module")

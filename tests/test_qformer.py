@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from capfilt.data.pairs import PairBatch
 from capfilt.models import losses
-from capfilt.models.qformer import QFormerModel, QFormerShape, attach_language_model, build_stage1, qformer_tokenizer
+from capfilt.models.qformer import QFormerModel, attach_language_model, build_stage1, qformer_tokenizer
+from capfilt.settings import QFormerShape
 from capfilt.testing import build_tiny_qformer_parts
 from capfilt.train.parts import Tokenize
 

@@ -18,13 +18,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from capfilt.bootstrap import report
-from capfilt.bootstrap.pipeline import RunConfig, run
-from capfilt.bootstrap.selection import SelectionConfig, select
+from capfilt.bootstrap.pipeline import run
+from capfilt.bootstrap.selection import select
 from capfilt.data.reader import read_shard
 from capfilt.data.schema import Candidate
-from capfilt.data.synth import SynthConfig, write_synth
-from capfilt.models.captioner import Captioner, CaptionerConfig
-from capfilt.models.scorer import Scorer, ScorerConfig
+from capfilt.data.synth import write_synth
+from capfilt.models.captioner import Captioner
+from capfilt.models.scorer import Scorer
+from capfilt.settings import CaptionerConfig, RunConfig, ScorerConfig, SelectionConfig, SynthConfig
 from cli import app
 
 SCREENSHOTS = REPO / "bench" / "out"

@@ -3,9 +3,10 @@
 import pytest
 
 from capfilt import CapfiltError
-from capfilt.bootstrap.selection import SelectionConfig, select, unique_candidates
+from capfilt.bootstrap.selection import select, unique_candidates
 from capfilt.data.schema import Candidate
 from capfilt.data.text import clean_caption
+from capfilt.settings import SelectionConfig
 
 
 def scored(*scores):

@@ -5,7 +5,8 @@ from typer.testing import CliRunner
 
 from capfilt import CapfiltError
 from capfilt.data.reader import decode_image, read_shard
-from capfilt.data.synth import COLOURS, SynthConfig, write_synth
+from capfilt.data.synth import COLOURS, write_synth
+from capfilt.settings import SynthConfig
 from cli import app
 
 

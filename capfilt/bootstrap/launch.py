@@ -10,6 +10,7 @@ import queue
 import uuid
 from dataclasses import replace
 
+from capfilt import log
 from capfilt.bootstrap.pipeline import run
 from capfilt.data.writer import OVERWRITE_ALONE
 from capfilt.errors import CapfiltError
@@ -59,6 +60,7 @@ def _child(rank, env, config, captioner_config, scorer_config, selection, result
     import torch
 
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
+    log.configure()  # now with this child's rank in front
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(env["WORLD_SIZE"])))
     if rank != 0:
         config = replace(config, progress=False)

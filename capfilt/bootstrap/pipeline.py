@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from capfilt.bootstrap.claims import Claims, job_id
-from capfilt.bootstrap.selection import SelectionConfig, select, unique_candidates
+from capfilt.bootstrap.selection import select, unique_candidates
 from capfilt.data import reader
 from capfilt.data.reader import Batch, Sample, ShardEnd, ShardStream
 from capfilt.data.schema import (
@@ -41,27 +41,7 @@ from capfilt.launcher import current_rank
 from capfilt.models.captioner import Captioner
 from capfilt.models.scorer import Scorer
 from capfilt.models.towers import one_tower_pass, same_vision_tower
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    specs: tuple[str, ...]
-    out: str
-    batch_size: int = 16
-    workers: int = 2
-    seed: int | None = 0
-    clean_text: bool = False
-    overwrite: bool = False
-    retries: int = 2
-    progress: bool = True
-
-    def __post_init__(self):
-        if self.batch_size < 1:
-            raise CapfiltError("--batch-size must be at least 1")
-        if self.workers < 0:
-            raise CapfiltError("--workers must be 0 (decode in the main process) or more")
-        if self.retries < 0:
-            raise CapfiltError("--retries must be 0 or more")
+from capfilt.settings import RunConfig, SelectionConfig
 
 
 @dataclass
@@ -123,7 +103,7 @@ def run(
     device = (captioner or scorer).device
     started = time.perf_counter()
     open_shards: dict[str, _OpenShard] = {}
-    fit = FitToMemory()
+    stages = _Stages(config, selection, captioner, scorer, captioner_key, scorer_key)
     view = _JobView(out, [reader.shard_name(u) for u in todo], enabled=config.progress and me.rank == 0)
     try:
         for item in reader.stream_batches(stream, config.workers, pin_memory=device.type == "cuda"):
@@ -144,7 +124,7 @@ def run(
                 shard = open_shards[item.shard] = _OpenShard(ShardWriter(out, item.shard), inputs[item.shard])
             # Captioner and filter on the same frozen tower: it runs once for the batch (bytes unchanged).
             with one_tower_pass(captioner.model, scorer.model) if one_tower else contextlib.nullcontext():
-                _process(item, shard.writer, captioner, scorer, selection, config, captioner_key, scorer_key, fit)
+                _process(item, shard.writer, stages)
             view.update(open_shards.values())
     finally:
         for shard in open_shards.values():  # interrupted: leave no half-written shard behind
@@ -255,72 +235,91 @@ class FitToMemory:
         return out
 
 
-def _process(
-    batch: Batch,
-    writer: ShardWriter,
-    captioner: Captioner | None,
-    scorer: Scorer | None,
-    selection: SelectionConfig,
-    config: RunConfig,
-    captioner_key: str | None,
-    scorer_key: str | None,
-    fit: FitToMemory,
-) -> None:
-    stats = writer.stats
-    halvings = fit.halvings
-    good: list[Sample] = []
-    for sample in batch.samples:
-        if sample.key:
-            stats.read += 1
-        if sample.error is None and config.clean_text:
-            sample.synthetic = [clean_caption(s) for s in sample.synthetic]
-            if sample.web_caption is not None:
-                sample.web_caption = clean_caption(sample.web_caption) or None
-                sample.detail = "" if sample.web_caption else "web caption empty after --clean-text"
-        if sample.error is None and sample.web_caption is None and captioner is None and not sample.synthetic:
-            sample.error, sample.detail = MISSING_CAPTION, f"{sample.detail}: nothing to score"
-        if sample.error is None:
-            good.append(sample)
+@dataclass
+class _Stages:
+    """What every batch of a run goes through, built once per run."""
 
+    config: RunConfig
+    selection: SelectionConfig
+    captioner: Captioner | None
+    scorer: Scorer | None
+    captioner_key: str | None  # the image transform each model's pixels come from
+    scorer_key: str | None
+    fit: FitToMemory = field(default_factory=lambda: FitToMemory())
+
+    @property
+    def model_ids(self) -> tuple[str | None, str | None]:
+        return (self.captioner.config.model if self.captioner else None,
+                self.scorer.config.model if self.scorer else None)
+
+
+def _process(batch: Batch, writer: ShardWriter, stages: _Stages) -> None:
+    """One batch: usable samples captioned, every candidate scored, each sample written or recorded as an error."""
+    stats = writer.stats
+    halvings = stages.fit.halvings
+    good = _usable(batch.samples, stats, stages)
     rows = [s.pixel_row for s in good]
 
     def pixels_of(key: str):  # indexing copies (and drops the pinning): only when a sample dropped out
         return batch.pixels[key] if len(rows) == len(batch.pixels[key]) else batch.pixels[key][rows]
 
     new_captions: list[list[str]] = [[] for _ in good]
-    if captioner is not None and good:
-        pixels = pixels_of(captioner_key)
-        seed = None if config.seed is None else batch_seed(config.seed, batch.shard, batch.index)
-        new_captions = fit(lambda a, b: captioner(pixels[a:b], seed=None if seed is None else seed + a), len(good))
-        if config.clean_text:
-            new_captions = [[clean_caption(c) for c in caps] for caps in new_captions]
+    if stages.captioner is not None and good:
+        new_captions = _caption(batch, pixels_of(stages.captioner_key), len(good), stages)
         stats.synthetic_generated += sum(len(c) for c in new_captions)
     candidates = [unique_candidates(s.web_caption, s.synthetic + new) for s, new in zip(good, new_captions)]
-    if scorer is not None and good:
-        pixels = pixels_of(scorer_key)
-        texts = [[c.caption for c in cands] for cands in candidates]
-        scores = fit(lambda a, b: scorer(pixels[a:b], texts[a:b]), len(good))
-        for cands, row in zip(candidates, scores):
-            for c, score in zip(cands, row):
-                c.score = score
-            stats.captions_scored += len(cands)
+    if stages.scorer is not None and good:
+        _score(pixels_of(stages.scorer_key), candidates, stages)
+        stats.captions_scored += sum(len(c) for c in candidates)
+    stats.oom_halvings += stages.fit.halvings - halvings
 
-    stats.oom_halvings += fit.halvings - halvings
-    by_key = {id(s): c for s, c in zip(good, candidates)}
+    by_sample = {id(s): c for s, c in zip(good, candidates)}
     for sample in batch.samples:
+        cands = by_sample.get(id(sample))
+        if sample.error is None and not cands:  # no web caption, and the captioner's came out empty (--clean-text)
+            sample.error, sample.detail = MISSING_CAPTION, f"{sample.detail}; the synthetic captions are empty"
         if sample.error is not None:
             stats.count_error(sample.error)
             writer.add_row(key=sample.key, status=ERROR, reason=sample.error, detail=sample.detail,
                            web_caption=sample.web_caption)
             continue
-        cands = by_key[id(sample)]
-        if not cands:  # no web caption, and the captioner's came out empty (--clean-text can do that)
-            stats.count_error(MISSING_CAPTION)
-            writer.add_row(key=sample.key, status=ERROR, reason=MISSING_CAPTION,
-                           detail=f"{sample.detail}; the synthetic captions are empty")
-            continue
-        write_candidates(writer, sample, cands, selection, captioner.config.model if captioner is not None else None,
-                         scorer.config.model if scorer is not None else None)
+        write_candidates(writer, sample, cands, stages.selection, *stages.model_ids)
+
+
+def _usable(samples: list[Sample], stats, stages: _Stages) -> list[Sample]:
+    """Count the batch's samples, clean their text if asked, and return those the models can use."""
+    clean = stages.config.clean_text
+    good = []
+    for sample in samples:
+        if sample.key:
+            stats.read += 1
+        if sample.error is None and clean:
+            sample.synthetic = [clean_caption(s) for s in sample.synthetic]
+            if sample.web_caption is not None:
+                sample.web_caption = clean_caption(sample.web_caption) or None
+                sample.detail = "" if sample.web_caption else "web caption empty after --clean-text"
+        if sample.error is None and sample.web_caption is None and stages.captioner is None and not sample.synthetic:
+            sample.error, sample.detail = MISSING_CAPTION, f"{sample.detail}: nothing to score"
+        if sample.error is None:
+            good.append(sample)
+    return good
+
+
+def _caption(batch: Batch, pixels, n: int, stages: _Stages) -> list[list[str]]:
+    seed = stages.config.seed
+    seed = None if seed is None else batch_seed(seed, batch.shard, batch.index)
+    captions = stages.fit(lambda a, b: stages.captioner(pixels[a:b], seed=None if seed is None else seed + a), n)
+    if stages.config.clean_text:
+        captions = [[clean_caption(c) for c in caps] for caps in captions]
+    return captions
+
+
+def _score(pixels, candidates, stages: _Stages) -> None:
+    texts = [[c.caption for c in cands] for cands in candidates]
+    scores = stages.fit(lambda a, b: stages.scorer(pixels[a:b], texts[a:b]), len(candidates))
+    for cands, row in zip(candidates, scores):
+        for c, score in zip(cands, row):
+            c.score = score
 
 
 def write_candidates(writer: ShardWriter, sample: Sample, cands, selection: SelectionConfig,

@@ -5,6 +5,8 @@ precision/recall and ROC when the input json carries ground truth, a per-shard t
 kept, dropped and failed samples with inline thumbnails. The parquet is streamed batch by batch and every
 accumulator is fixed-size (histogram bins, threshold grid, gallery reservoirs), so memory does not grow with
 the corpus; the page's size does not either (gallery and shard table are capped).
+
+About 490 lines in one file on purpose: each counter, its plot and its place on the page change together.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import logging
 import os
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -26,6 +29,7 @@ from capfilt.data.files import publish
 from capfilt.data.schema import DROPPED, ERROR, MANIFEST, OK, shard_files, stats_path
 from capfilt.data.writer import recorded_shards
 from capfilt.errors import CapfiltError
+from capfilt.settings import ReportConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +39,6 @@ GRID_STEP = 0.01  # threshold sweep resolution; the run's own threshold is added
 ROC_POINTS = 1001
 TRUTH_PROBE = 3  # shards read for ground truth before concluding the corpus has none
 HIST_BINS = 40
-MAX_SAMPLES = 200  # gallery samples per bucket, at most: bounds the page
 MAX_SHARD_ROWS = 200  # shard table rows, at most
 THUMB_PX = 160
 TEXT_CHARS = 300  # captions and details are cut there on the page
@@ -43,18 +46,6 @@ SWEEP_TABLE = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 BATCH_ROWS = 4096
 COLUMNS = ["key", "status", "reason", "detail", "web_caption", "web_score", "synthetic_captions",
            "synthetic_scores", "kept_captions"]
-
-
-@dataclass(frozen=True)
-class ReportConfig:
-    out: str
-    html: str | None = None  # default OUT/report.html
-    samples: int = 12
-    seed: int = 0
-
-    def __post_init__(self):
-        if not 0 <= self.samples <= MAX_SAMPLES:
-            raise CapfiltError(f"--samples must be between 0 and {MAX_SAMPLES}, got {self.samples}")
 
 
 class AtLeast:
@@ -221,7 +212,7 @@ def scan(out: Path, samples: int, seed: int) -> _Scan:
     hist = {name: np.zeros(HIST_BINS, dtype=np.int64) for name in ("web_kept", "web_removed", "synthetic_kept",
                                                                    "synthetic_removed")}
     totals = {"read": 0, "written": 0, "dropped": 0, "web_kept": 0, "synthetic_kept": 0, "synthetic_generated": 0,
-              "errors": {}}
+              "errors": Counter()}
     done = set()
     truth_found, misses = False, 0
     for stats_file in (stats_path(out, shard) for shard in sorted(shards)):
@@ -232,8 +223,7 @@ def scan(out: Path, samples: int, seed: int) -> _Scan:
         done.add(name)
         for k in ("read", "written", "dropped", "web_kept", "synthetic_kept", "synthetic_generated"):
             totals[k] += stats.get(k, 0)
-        for reason, n in stats["errors"].items():
-            totals["errors"][reason] = totals["errors"].get(reason, 0) + n
+        totals["errors"].update(stats["errors"])
         result.shards.append({**{k: stats.get(k) for k in ("shard", "read", "written", "dropped", "duration_s",
                                                            "input")},
                               "errors": sum(stats["errors"].values())})

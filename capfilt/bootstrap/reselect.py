@@ -11,7 +11,6 @@ import json
 import logging
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,28 +18,14 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from capfilt.bootstrap.pipeline import RunSummary, input_location, write_candidates
-from capfilt.bootstrap.selection import SelectionConfig
 from capfilt.data import reader
 from capfilt.data.schema import ERROR, MANIFEST, NO_RECORDED_SCORES, Candidate, stats_path
 from capfilt.data.text import clean_caption
 from capfilt.data.writer import ShardWriter, check_apart_from_inputs, prepare_output
 from capfilt.errors import CapfiltError
+from capfilt.settings import SelectConfig, SelectionConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SelectConfig:
-    """`policy`, `threshold`, `keep_top`: None keeps the recorded run's value."""
-
-    specs: tuple[str, ...]
-    source: str  # the recorded run (--from)
-    out: str
-    policy: str | None = None
-    threshold: float | None = None
-    keep_top: int | None = None
-    overwrite: bool = False
-    progress: bool = True
 
 
 def recorded_settings(source: Path) -> dict[str, Any]:

@@ -2,31 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 from capfilt.data.schema import Candidate
-from capfilt.errors import CapfiltError
-
-Policy = Literal["blip", "blip2"]
-
-
-@dataclass(frozen=True)
-class SelectionConfig:
-    """`blip`: keep every caption scoring >= threshold (BLIP, salesforce/BLIP #46, #54).
-    `blip2`: rank by score and keep the best `keep_top` (BLIP-2 section 3.4), still only those >= threshold."""
-
-    policy: Policy = "blip"
-    threshold: float = 0.5
-    keep_top: int = 2
-
-    def __post_init__(self):
-        if self.policy not in ("blip", "blip2"):
-            raise CapfiltError(f"unknown policy {self.policy!r}: choose blip or blip2")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise CapfiltError(f"--threshold must be in [0, 1], got {self.threshold}")
-        if self.keep_top < 1:
-            raise CapfiltError("--keep-top must be at least 1")
+from capfilt.settings import SelectionConfig
 
 
 def select(candidates: list[Candidate], config: SelectionConfig) -> list[Candidate]:

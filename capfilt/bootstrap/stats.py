@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,7 @@ class OutputReport:
     read: int = 0
     written: int = 0
     dropped: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
+    errors: Counter[str] = field(default_factory=Counter)
     web_scored: int = 0
     web_kept: int = 0
     synthetic_generated: int = 0
@@ -53,8 +54,7 @@ def summarize(out: Path) -> OutputReport:
         for name in ("read", "written", "dropped", "web_kept", "synthetic_generated", "synthetic_kept"):
             setattr(report, name, getattr(report, name) + stats[name])
         report.oom_halvings += stats.get("oom_halvings", 0)  # absent from stats written before it existed
-        for reason, n in stats["errors"].items():
-            report.errors[reason] = report.errors.get(reason, 0) + n
+        report.errors.update(stats["errors"])
         rows = pq.read_table(out / f"{stats['shard']}.parquet", columns=["web_score", "synthetic_scores"])
         web = [s for s in rows.column("web_score").to_pylist() if s is not None]
         synthetic = [s for group in rows.column("synthetic_scores").to_pylist() if group for s in group]
@@ -101,62 +101,3 @@ def format_report(r: OutputReport) -> str:
         if qs:
             lines.append(f"{name:<16} " + "  ".join(f"p{int(q * 100)}={v:.3f}" for q, v in qs.items()))
     return "\n".join(lines)
-
-
-@dataclass
-class NoiseReport:
-    """The filter against planted ground truth, on web captions: `removed` = not among the kept captions."""
-
-    noisy: int
-    clean: int
-    noisy_removed: int
-    clean_kept: int
-    examples: list[dict] = field(default_factory=list)  # human caption beside the synthetic ones
-
-    @property
-    def precision(self) -> float:
-        """Of the web captions the filter removed, the share that were planted noise."""
-        removed = self.noisy_removed + (self.clean - self.clean_kept)
-        return self.noisy_removed / removed if removed else float("nan")
-
-    @property
-    def recall(self) -> float:
-        """Of the planted noisy captions, the share the filter removed."""
-        return self.noisy_removed / self.noisy if self.noisy else float("nan")
-
-    def format(self) -> str:
-        lines = [f"planted noisy captions removed  {self.noisy_removed}/{self.noisy}  (recall {self.recall:.2f})",
-                 f"clean captions kept             {self.clean_kept}/{self.clean}",
-                 f"precision of the removals       {self.precision:.2f}"]
-        for ex in self.examples:
-            lines.append(f"  web: {ex['web']!r}{'  [planted noise]' if ex['noisy'] else ''}")
-            lines += [f"    synthetic: {c!r} ({s:.2f}{', kept' if k else ''})" for c, s, k in ex["synthetic"]]
-        return "\n".join(lines)
-
-
-def noise_report(specs: list[str], out: Path, is_noisy, examples: int = 3) -> NoiseReport:
-    """Compare an output directory with the ground truth in its input shards' json (`is_noisy(meta)`)."""
-    from capfilt.data.reader import expand_specs, read_shard, shard_name
-
-    truth = {}
-    for url in expand_specs(specs):
-        for sample in read_shard(url):
-            if sample.error is None:
-                truth[(shard_name(url), sample.key)] = bool(is_noisy(sample.meta))
-    report = NoiseReport(0, 0, 0, 0)
-    for path in sorted(out.glob("*.parquet")):
-        shard = path.name[: -len(".parquet")]
-        for row in pq.read_table(path).to_pylist():
-            noisy = truth.get((shard, row["key"]))
-            if noisy is None or row["status"] == "error":
-                continue
-            kept = row["web_caption"] in (row["kept_captions"] or [])
-            report.noisy += noisy
-            report.clean += not noisy
-            report.noisy_removed += noisy and not kept
-            report.clean_kept += (not noisy) and kept
-            if len(report.examples) < examples and row["synthetic_captions"]:
-                report.examples.append({"web": row["web_caption"], "noisy": noisy, "synthetic": list(zip(
-                    row["synthetic_captions"], row["synthetic_scores"] or [float("nan")] * 9,
-                    [c in (row["kept_captions"] or []) for c in row["synthetic_captions"]]))})
-    return report

@@ -17,7 +17,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from capfilt.data.files import publish, temporary
-from capfilt.errors import CapfiltError
+from capfilt.settings import SynthConfig
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
            "purple": (140, 60, 180), "orange": (240, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20)}
@@ -27,26 +27,6 @@ POSITIONS = {(0, 0): "at the top left", (1, 0): "at the top", (2, 0): "at the to
              (0, 1): "on the left", (1, 1): "in the middle", (2, 1): "on the right",
              (0, 2): "at the bottom left", (1, 2): "at the bottom", (2, 2): "at the bottom right"}
 BACKGROUNDS = {"grey": (128, 128, 128), "beige": (225, 210, 180)}
-
-
-@dataclass(frozen=True)
-class SynthConfig:
-    n: int
-    per_shard: int = 1000
-    noise: float = 0.0
-    size: int = 64
-    max_shapes: int = 2
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.n < 1 or not 1 <= self.per_shard <= 10000:
-            raise CapfiltError("--n must be at least 1 and --per-shard within 1..10000 (4-digit sample keys)")
-        if not 0.0 <= self.noise < 1.0:
-            raise CapfiltError(f"--noise must be in [0, 1), got {self.noise}")
-        if self.size < 16:
-            raise CapfiltError("--size must be at least 16 pixels")
-        if not 1 <= self.max_shapes <= 3:
-            raise CapfiltError("--max-shapes must be 1, 2 or 3")
 
 
 @dataclass(frozen=True)

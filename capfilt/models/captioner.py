@@ -8,9 +8,6 @@ of ") removed from the output, nucleus sampling with top_p 0.9, top_k 50 and rep
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 from transformers import (
     Blip2ForConditionalGeneration,
@@ -19,72 +16,17 @@ from transformers import (
 )
 
 from capfilt.errors import CapfiltError
-from capfilt.models.loading import (
-    ImageTransform,
-    check_dtype,
-    load_image_transform,
-    load_model,
-    load_tokenizer,
-    vision_dtype,
-)
+from capfilt.models.loading import ImageTransform, load_image_transform, load_model, load_tokenizer, vision_dtype
 from capfilt.models.qformer import LLM_TOKENIZER, QFormerModel
 from capfilt.models.qformer import MODEL_TYPE as CAPFILT_QFORMER
+from capfilt.settings import CaptionerConfig
 
-Sampling = Literal["nucleus", "beam", "greedy"]
 CAPTIONER_CLASSES = {"blip": BlipForConditionalGeneration, "blip-2": Blip2ForConditionalGeneration,
                      "instructblip": InstructBlipForConditionalGeneration, CAPFILT_QFORMER: QFormerModel}
 # Each kind's own captioning prompt: BLIP's CapFilt, LAVIS's BLIP-2 captioning, InstructBLIP's short-caption
 # instruction. An LLM's prompt never ends in a space: a byte-level BPE tokenizer would make it a lone-space token,
 # which its LLM never saw before a word.
 PROMPTS = {"blip": "a picture of ", "blip-2": "a photo of", "instructblip": "A short image caption:"}
-
-
-@dataclass(frozen=True)
-class CaptionerConfig:
-    model: str
-    sampling: Sampling = "nucleus"
-    num_captions: int = 1
-    top_p: float = 0.9
-    top_k: int = 50
-    num_beams: int = 3
-    repetition_penalty: float | None = None  # None: 1.1 for nucleus, 1.0 otherwise (BLIP's choices)
-    max_length: int = 30
-    min_length: int = 10
-    prompt: str | None = None  # None: the model's own (PROMPTS, or a capfilt model's training prompt)
-    device: str = "auto"
-    dtype: str = "fp32"
-
-    def __post_init__(self):
-        check_dtype(self.dtype)
-        if self.sampling not in ("nucleus", "beam", "greedy"):
-            raise CapfiltError(f"unknown sampling {self.sampling!r}: choose nucleus, beam or greedy")
-        if self.num_captions < 1:
-            raise CapfiltError("--num-captions must be at least 1")
-        if self.sampling == "greedy" and self.num_captions > 1:
-            raise CapfiltError("greedy decoding gives one caption per image: use nucleus or beam for "
-                               "--num-captions > 1")
-        if self.sampling == "beam" and self.num_beams < self.num_captions:
-            raise CapfiltError(f"--num-beams ({self.num_beams}) must be at least --num-captions ({self.num_captions})")
-        if not 0.0 < self.top_p <= 1.0:
-            raise CapfiltError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_length <= self.max_length:
-            raise CapfiltError(f"need 0 <= --min-length <= --max-length, got {self.min_length} and {self.max_length}")
-
-    def generation_kwargs(self, prompt_tokens: int) -> dict:
-        """Arguments for `generate`; BLIP counts min/max length with the prompt, so they are converted to
-        new-token counts here (the same rule then holds for BLIP-2, whose prompt sits behind the queries)."""
-        max_new = self.max_length - prompt_tokens
-        if max_new < 1:
-            raise CapfiltError(f"--max-length {self.max_length} leaves no room after the {prompt_tokens}-token prompt")
-        kwargs = {"max_new_tokens": max_new, "min_new_tokens": max(0, self.min_length - prompt_tokens)}
-        if self.sampling == "nucleus":
-            kwargs.update(do_sample=True, top_p=self.top_p, top_k=self.top_k, num_beams=1)
-            kwargs["repetition_penalty"] = 1.1 if self.repetition_penalty is None else self.repetition_penalty
-        else:
-            kwargs.update(do_sample=False, num_beams=self.num_beams if self.sampling == "beam" else 1)
-            kwargs["repetition_penalty"] = 1.0 if self.repetition_penalty is None else self.repetition_penalty
-        kwargs["num_return_sequences"] = self.num_captions
-        return kwargs
 
 
 class Captioner:

@@ -41,11 +41,6 @@ def vision_dtype(model: PreTrainedModel) -> torch.dtype:
     return next(model.vision_model.parameters()).dtype
 
 
-def check_dtype(dtype: str) -> None:
-    if dtype not in DTYPES:
-        raise CapfiltError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-
-
 def _looks_local(name: str) -> bool:
     # Hub ids are "name" or "org/name"; anything else is a path the user meant to exist.
     return name.startswith((".", "/", "~")) or name.count("/") > 1

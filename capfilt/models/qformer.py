@@ -4,11 +4,14 @@ from stage 2 on, a frozen causal LLM behind one linear projection.
 The Q-Former is transformers' own `Blip2QFormerModel` (with its text path) and the parameter names follow
 `Blip2ForImageTextRetrieval` / `Blip2ForConditionalGeneration`, so a model on a BLIP-2 vision tower exports
 to plain transformers by renaming one LayerNorm (`capfilt export`). What transformers lacks, the stage-1
-losses and their masks, lives in `capfilt/losses.py`.
+losses and their masks, lives in `capfilt/models/losses.py`.
 
 The image encoder can be any Hugging Face vision tower (CLIP, SigLIP, ViT, DINOv2, BLIP / BLIP-2 vision) or
 EfficientNet-Lite0. Its final LayerNorm, when it has one, is moved out of the frozen tower into the trainable
 `ln_vision` (BLIP-2's "trainable LayerNorm on the frozen ViT"), starting from the pretrained values.
+
+One file of about 500 lines on purpose, as transformers keeps one file per model: config, model, the stage-1 and
+stage-2 forwards and building from parts read top to bottom, and a split would scatter one model.
 
 A saved model is one `from_pretrained` directory holding all of it, frozen parts included, so a run
 directory serves as `--captioner` and `--filter` as it is.
@@ -51,6 +54,7 @@ from capfilt.models import (
     losses,
 )
 from capfilt.models.loading import load_config, load_image_transform, load_tokenizer
+from capfilt.settings import QFormerShape
 
 MODEL_TYPE = "capfilt-qformer"
 LLM_TOKENIZER = "llm_tokenizer"  # a stage-2 model's LLM tokenizer, beside the Q-Former's at the root
@@ -355,33 +359,6 @@ AutoModel.register(QFormerConfig, QFormerModel)
 
 
 # ----------------------------------------------------------------------------------------------- building
-
-
-@dataclass(frozen=True)
-class QFormerShape:
-    """Sizes of a new Q-Former. BLIP-2's are the defaults (BERT-base, 32 queries, cross-attention every 2nd
-    layer, 256-d ITC space, 32 text tokens). With `init_from` (a BERT checkpoint), width, depth and heads
-    are BERT's and its weights seed the self-attention, both feed-forward paths and the ITG head."""
-
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    num_query_tokens: int = 32
-    cross_attention_frequency: int = 2
-    embed_dim: int = 256
-    max_text_length: int = 32
-    dropout: float = 0.1
-    initializer_range: float = 0.02
-    init_from: str | None = None
-
-    def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise CapfiltError(f"Q-Former width {self.hidden_size} is not a multiple of its {self.num_heads} heads")
-        if min(self.hidden_size, self.num_layers, self.num_query_tokens, self.cross_attention_frequency,
-               self.embed_dim) < 1 or self.max_text_length < 2:
-            raise CapfiltError("Q-Former sizes must be positive (and max_text_length at least 2)")
-        if not 0.0 <= self.dropout < 1.0:
-            raise CapfiltError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 def load_vision_tower(name: str) -> PreTrainedModel:

