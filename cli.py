@@ -306,6 +306,9 @@ def pretrain(
                                                  "or fp16.", rich_help_panel=OPTIM)] = "auto",
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.", rich_help_panel=RUN)] = 500,
     keep_checkpoints: Annotated[int, typer.Option(help="Checkpoints kept.", rich_help_panel=RUN)] = 2,
+    frozen_cache: Annotated[int, typer.Option(help="Keep the frozen image tower's output of up to N images "
+                                              "across steps (no augmentation, so it never changes): pays when a "
+                                              "small corpus is seen many times.", rich_help_panel=RUN)] = 0,
     log_every: Annotated[int, typer.Option(help="Log every N steps.", rich_help_panel=RUN)] = 10,
     log_with: Annotated[Optional[list[str]], typer.Option(help="accelerate tracker(s): tensorboard, wandb...",
                                                           rich_help_panel=RUN)] = None,
@@ -330,8 +333,8 @@ def pretrain(
             optim=OptimConfig(steps=steps, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
                               weight_decay=weight_decay, max_grad_norm=max_grad_norm, grad_accum=grad_accum),
             batch_size=batch_size, mixed_precision=mixed_precision, save_every=save_every,
-            keep_checkpoints=keep_checkpoints, log_every=log_every, workers=workers, shuffle_buffer=shuffle_buffer,
-            seed=seed, resume=resume, log_with=tuple(log_with or ()))
+            keep_checkpoints=keep_checkpoints, frozen_cache=frozen_cache, log_every=log_every, workers=workers,
+            shuffle_buffer=shuffle_buffer, seed=seed, resume=resume, log_with=tuple(log_with or ()))
         summary = run_pretrain(config)
         if not summary.main_process:
             return

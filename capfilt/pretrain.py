@@ -90,6 +90,7 @@ class PretrainConfig:
     device: str = "auto"  # "cpu" keeps a GPU machine's run on the CPU
     save_every: int = 500
     keep_checkpoints: int = 2
+    frozen_cache: int = 0  # images whose frozen-tower output is kept across steps (0: none; see FrozenFeatures)
     log_every: int = 10
     workers: int = 2
     shuffle_buffer: int = 1000
@@ -110,6 +111,8 @@ class PretrainConfig:
             raise CapfiltError("--batch-size, --save-every and --log-every must be >= 1, --workers >= 0")
         if self.keep_checkpoints < 1:
             raise CapfiltError("--keep-checkpoints must be at least 1")
+        if self.frozen_cache < 0:
+            raise CapfiltError("--frozen-cache must be >= 0")
         if self.mixed_precision not in MIXED_PRECISION:
             raise CapfiltError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
 
@@ -165,20 +168,23 @@ def _prepare_out(config: PretrainConfig) -> Path | None:
 
 @dataclass
 class Tokenize:
-    """PairBatch -> the model's keyword arguments. Stage 1: Q-Former tokens padded to max_text_length (fixed
-    shapes, so ranks can gather them). Stage 2: LLM tokens `prompt + caption + eos`, loss only on the caption
-    and eos."""
+    """PairBatch -> the model's keyword arguments. Stage 1: Q-Former tokens cut at max_text_length and padded
+    to the batch's longest caption (every pass of the step is over them: padding to the fixed 32 cost a third
+    of the step on COCO captions; the model pads across ranks itself), or to max_text_length with
+    `fixed_length` (callers that concatenate batches). Stage 2: LLM tokens `prompt + caption + eos`, loss only
+    on the caption and eos. Both carry sample_ids, the key of a cache of frozen image features."""
 
     stage: int
     tokenizer: object
     max_text_length: int
     llm_tokenizer: object = None
     prompt: str = ""
+    fixed_length: bool = False
 
     def __call__(self, batch: PairBatch) -> dict[str, torch.Tensor]:
         if self.stage == 1:
-            tokens = self.tokenizer(batch.captions, padding="max_length", truncation=True,
-                                    max_length=self.max_text_length, return_tensors="pt")
+            tokens = self.tokenizer(batch.captions, padding="max_length" if self.fixed_length else "longest",
+                                    truncation=True, max_length=self.max_text_length, return_tensors="pt")
             return dict(pixel_values=batch.pixel_values, input_ids=tokens.input_ids,
                         attention_mask=tokens.attention_mask, sample_ids=batch.sample_ids)
         tok = self.llm_tokenizer
@@ -202,7 +208,8 @@ class Tokenize:
             ids[i, : len(row)] = torch.tensor(row)
             mask[i, : len(row)] = 1
             labels[i, len(prompt) : len(row)] = ids[i, len(prompt) : len(row)]
-        return dict(pixel_values=batch.pixel_values, llm_input_ids=ids, llm_attention_mask=mask, llm_labels=labels)
+        return dict(pixel_values=batch.pixel_values, llm_input_ids=ids, llm_attention_mask=mask, llm_labels=labels,
+                    sample_ids=batch.sample_ids)
 
 
 @dataclass
@@ -303,7 +310,8 @@ def pretrain(config: PretrainConfig) -> PretrainSummary:
 
     last = fit(parts.model, lambda start: shard_batches(config, parts, accelerator, start), config.optim,
                accelerator, start_step=start_step, trainer_state=trainer_state, seed=config.seed,
-               log_every=config.log_every, save_every=config.save_every, save=save, log=log)
+               log_every=config.log_every, save_every=config.save_every, save=save, log=log,
+               frozen_cache=config.frozen_cache)
     accelerator.end_training()
     return PretrainSummary(str(out), config.optim.steps, samples, skipped, last, accelerator.is_main_process)
 
@@ -365,6 +373,28 @@ def _param_groups(model: QFormerModel, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class FrozenFeatures:
+    """The frozen image tower's outputs by sample id, for up to `capacity` images: without augmentation they
+    never change, so a corpus seen for many epochs (fine-tuning on a few thousand human pairs) pays for the
+    tower once per image instead of once per step. A corpus larger than the capacity just computes the rest."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.store: dict[int, torch.Tensor] = {}
+
+    def __call__(self, model: QFormerModel, pixel_values: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
+        ids = sample_ids.tolist()
+        missing = [i for i, key in enumerate(ids) if key not in self.store]
+        fresh = {}
+        if missing:
+            tokens = model.frozen_tokens(pixel_values[missing])
+            for i, row in zip(missing, tokens):
+                fresh[ids[i]] = row
+                if len(self.store) < self.capacity:
+                    self.store[ids[i]] = row.clone()  # not a view that would keep the whole batch alive
+        return torch.stack([self.store.get(key, fresh.get(key)) for key in ids])
+
+
 def step_seed(seed: int, step: int, micro: int) -> int:
     """Seed of one micro-step: fixes dropout and the hard-negative draw independently of process count."""
     return (seed * 1_000_003 + step) * 64 + micro
@@ -374,9 +404,10 @@ def fit(model: QFormerModel, batches: Callable[[int], Iterator[dict]], optim: Op
         accelerator: Accelerator, *, start_step: int = 0, trainer_state: dict | None = None, seed: int = 0,
         log_every: int = 10, save_every: int | None = None,
         save: Callable[[QFormerModel, dict, int], None] | None = None,
-        log: Callable[[dict], None] | None = None) -> dict[str, float]:
+        log: Callable[[dict], None] | None = None, frozen_cache: int = 0) -> dict[str, float]:
     """Train from `start_step` to `optim.steps`. `batches(start_step)` yields this rank's micro-batches
-    (keyword arguments of the model, plus an optional "skipped" count dict). Returns the last logged values."""
+    (keyword arguments of the model, plus an optional "skipped" count dict). `frozen_cache`: keep the frozen
+    tower's outputs of up to this many images (by the batches' sample_ids). Returns the last logged values."""
     if accelerator.device.type == "cuda" and accelerator.mixed_precision in ("bf16", "fp16"):
         frozen = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16
         model.vision_model.to(frozen)  # frozen parts in low precision: half the memory, no grads to keep exact
@@ -389,6 +420,7 @@ def fit(model: QFormerModel, batches: Callable[[int], Iterator[dict]], optim: Op
         scheduler.load_state_dict(trainer_state["scheduler"])
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
     ddp_model.train()
+    cache = FrozenFeatures(frozen_cache) if frozen_cache else None
     source = batches(start_step)
     keys = ("loss", "loss_itc", "loss_itm", "loss_itg", "loss_lm")
     totals, samples, micro_steps, skipped, last = {}, 0, 0, {}, {}
@@ -403,6 +435,9 @@ def fit(model: QFormerModel, batches: Callable[[int], Iterator[dict]], optim: Op
                 batch = next(source)
             _count(skipped, batch.pop("skipped", {}))
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+            rows = batch["pixel_values"].shape[0]
+            if cache is not None and "sample_ids" in batch:
+                batch["image_tokens"] = cache(model, batch.pop("pixel_values"), batch["sample_ids"])
             seed_here = step_seed(seed, step, micro)
             torch.manual_seed(seed_here + accelerator.process_index)
             context = accelerator.no_sync(ddp_model) if micro < optim.grad_accum - 1 else contextlib.nullcontext()
@@ -412,7 +447,7 @@ def fit(model: QFormerModel, batches: Callable[[int], Iterator[dict]], optim: Op
             for key in keys:
                 if getattr(out, key, None) is not None:
                     totals[key] = totals.get(key, 0.0) + getattr(out, key).detach().float()
-            samples += batch["pixel_values"].shape[0]
+            samples += rows
             micro_steps += 1
         accelerator.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
         optimizer.step()

@@ -172,6 +172,34 @@ def test_stage1_step_has_finite_losses_and_trains_every_stage1_parameter(model, 
     model.zero_grad(set_to_none=True)
 
 
+@torch.no_grad()
+def test_the_fast_step_gives_the_losses_of_the_full_one(model, inputs, qformer_parts):
+    """ITG projected only where there are targets, text padded to the batch's longest caption, the frozen
+    tower's output cached per image: the same three losses as full logits over fixed-length text."""
+    from capfilt.pretrain import FrozenFeatures
+
+    pixels, ids, mask = inputs
+    embeds = model.encode_image(pixels)
+    dec = ids.clone()
+    dec[:, 0] = model.config.decoder_token_id
+    full = losses.itg_loss(model.itg_logits(embeds, dec, mask), dec, mask)
+    assert model.itg_loss(embeds, dec, mask).item() == pytest.approx(full.item(), rel=1e-5)
+
+    batch = PairBatch(pixels, CAPTIONS, torch.arange(4), [], {})
+    tokenizer = qformer_tokenizer(qformer_parts["tokenizer"])
+    fixed = Tokenize(1, tokenizer, 16, fixed_length=True)(batch)
+    longest = Tokenize(1, tokenizer, 16)(batch)
+    assert longest["input_ids"].shape[1] == int(longest["attention_mask"].sum(1).max()) < 16
+    cache = FrozenFeatures(capacity=3)  # one image more than it holds: computed, not cached
+    cached = {k: v for k, v in longest.items() if k != "pixel_values"}
+    reference = model(**fixed, negatives_seed=2)
+    for _ in range(2):  # the first call fills the cache, the second reads it
+        out = model(**cached, image_tokens=cache(model, pixels, longest["sample_ids"]), negatives_seed=2)
+        for key in ("loss_itc", "loss_itm", "loss_itg"):
+            assert getattr(out, key).item() == pytest.approx(getattr(reference, key).item(), rel=1e-5), key
+    assert len(cache.store) == 3
+
+
 def test_run_directory_round_trips_through_from_pretrained(model, inputs, tmp_path):
     pixels, ids, mask = inputs
     model.save_pretrained(tmp_path)
