@@ -297,6 +297,9 @@ def pretrain(
     batch_size: Annotated[int, typer.Option(help="Samples per process and micro-step.", rich_help_panel=OPTIM)] = 32,
     grad_accum: Annotated[int, typer.Option(help="Micro-steps per optimiser step.", rich_help_panel=OPTIM)] = 1,
     lr: Annotated[float, typer.Option(help="Peak learning rate (BLIP-2: 1e-4).", rich_help_panel=OPTIM)] = 1e-4,
+    fresh_lr: Annotated[Optional[float], typer.Option(help="Peak learning rate of the parts a --qformer-init "
+                                                      "leaves fresh (cross-attention, queries, ITC/ITM heads); "
+                                                      "default --lr.", rich_help_panel=OPTIM)] = None,
     min_lr: Annotated[float, typer.Option(help="Learning rate at the end of the cosine.",
                                           rich_help_panel=OPTIM)] = 1e-5,
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.", rich_help_panel=OPTIM)] = 100,
@@ -330,7 +333,7 @@ def pretrain(
                                num_query_tokens=queries, embed_dim=embed_dim, max_text_length=max_text_length,
                                dropout=dropout, init_from=qformer_init),
             init=init, llm=llm, prompt=prompt,
-            optim=OptimConfig(steps=steps, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
+            optim=OptimConfig(steps=steps, lr=lr, fresh_lr=fresh_lr, min_lr=min_lr, warmup_steps=warmup_steps,
                               weight_decay=weight_decay, max_grad_norm=max_grad_norm, grad_accum=grad_accum),
             batch_size=batch_size, mixed_precision=mixed_precision, save_every=save_every,
             keep_checkpoints=keep_checkpoints, frozen_cache=frozen_cache, log_every=log_every, workers=workers,

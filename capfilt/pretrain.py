@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from capfilt.errors import CapfiltError
 from capfilt.pairs import PairBatch, PairStream, load_pairs
 from capfilt.qformer import (LLM_TOKENIZER, QFormerModel, QFormerShape, attach_language_model, build_stage1,
-                             qformer_tokenizer, vision_image_processor)
+                             fresh_parameter, qformer_tokenizer, vision_image_processor)
 from capfilt.checkpoint import ImageTransform, load_tokenizer, resolve_device
 from capfilt.reader import expand_specs
 
@@ -55,10 +55,16 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     max_grad_norm: float = 1.0
     grad_accum: int = 1
+    # Peak lr of the parameters a BERT init leaves fresh (`qformer.fresh_parameter`: cross-attention, queries,
+    # ITC/ITM heads...); None: `lr`. At BERT's fine-tuning lr they barely move in a few hundred steps, and ITM
+    # stays at its prior (issue 13).
+    fresh_lr: float | None = None
 
     def __post_init__(self):
         if self.steps < 1 or self.grad_accum < 1 or self.warmup_steps < 0:
             raise CapfiltError("--steps and --grad-accum must be >= 1 and --warmup-steps >= 0")
+        if self.fresh_lr is not None and self.fresh_lr < 0:
+            raise CapfiltError("--fresh-lr must be >= 0")
         if not 0 <= self.min_lr <= self.lr:
             raise CapfiltError(f"need 0 <= --min-lr <= --lr, got {self.min_lr} and {self.lr}")
         if self.max_grad_norm <= 0:
@@ -364,13 +370,16 @@ def _publish(checkpoint: Path, out: Path) -> None:
 # ----------------------------------------------------------------------------------------------- fit
 
 
-def _param_groups(model: QFormerModel, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms and the temperature (1-d or scalar parameters)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
+def _param_groups(model: QFormerModel, weight_decay: float, lr: float, fresh_lr: float | None = None) -> list[dict]:
+    """No weight decay on biases, norms and the temperature (1-d or scalar parameters); `fresh_lr` for the
+    parameters no BERT init seeds. The LambdaLR schedule scales every group's lr alike."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            fresh = fresh_lr is not None and fresh_parameter(name)
+            groups.setdefault((param.dim() >= 2, fresh), []).append(param)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": fresh_lr if fresh else lr}
+            for (decay, fresh), params in sorted(groups.items())]
 
 
 class FrozenFeatures:
@@ -413,7 +422,8 @@ def fit(model: QFormerModel, batches: Callable[[int], Iterator[dict]], optim: Op
         model.vision_model.to(frozen)  # frozen parts in low precision: half the memory, no grads to keep exact
         if model.has_language_model:
             model.language_model.to(frozen)
-    optimizer = torch.optim.AdamW(_param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas)
+    optimizer = torch.optim.AdamW(_param_groups(model, optim.weight_decay, optim.lr, optim.fresh_lr), lr=optim.lr,
+                                  betas=optim.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, optim.lr_factor)
     if trainer_state is not None:
         optimizer.load_state_dict(trainer_state["optimizer"])

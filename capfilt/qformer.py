@@ -492,6 +492,16 @@ BERT_KEYS = [
 ]
 
 
+def fresh_parameter(name: str) -> bool:
+    """Whether a BERT init leaves this parameter at its random init: everything BERT_KEYS does not map
+    (cross-attention, query tokens, ITC projections and temperature, ITM head, ln_vision, the language
+    projection), and the LM-head transform and bias: a sentence encoder such as MiniLM ships none (they stay
+    random), and a real BERT's merely get the higher lr."""
+    if name.startswith("itg_head.") and name != "itg_head.decoder.weight":
+        return True
+    return not any(re.match(pattern, name) for pattern, _ in BERT_KEYS)
+
+
 def _load_bert(model: QFormerModel, bert: dict[str, torch.Tensor]) -> None:
     """Copy BERT's weights in; the rows of tokens BERT lacks (`[DEC]`) keep their random init."""
     state = model.state_dict()
