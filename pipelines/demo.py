@@ -46,8 +46,8 @@ class DemoConfig:
     llm: str | None = None  # a ready causal LM instead of the fetched SmolLM2
     qformer_init: str | None = None  # a ready BERT checkpoint instead of the fetched all-MiniLM-L6-v2
     folds: int = 2
-    stage1_steps: int = 120
-    stage2_steps: int = 60
+    stage1_steps: int = 100
+    stage2_steps: int = 40
     batch_size: int = 16
     num_query_tokens: int = 16  # half BLIP-2's 32: EfficientNet gives 49 image tokens, not ViT-g's 257
     # BLIP-2's lr for what BERT seeded; 10x for what starts random (cross-attention, queries, ITC/ITM heads):
