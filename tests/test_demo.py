@@ -62,3 +62,11 @@ def test_no_photo_is_judged_by_a_model_that_trained_on_it(demo):
         assert len(judged) == 40 and len(trained) == 40
         assert not judged & trained, sorted(judged & trained)[:3]
     assert set().union(*(judged for judged, _ in pairs)) == set().union(*(trained for _, trained in pairs))
+
+
+def test_roc_auc_counts_ties_half_and_equals_the_pair_count():
+    from capfilt.stats import roc_auc
+
+    assert roc_auc([3.0, 2.0], [1.0, 0.0]) == 1.0 and roc_auc([0.0], [1.0]) == 0.0
+    assert roc_auc([1.0, 2.0], [2.0, 0.0]) == 0.625  # 3 of 4 pairs won, the tie counts half
+    assert roc_auc([1.0], []) != roc_auc([1.0], [])  # nan

@@ -317,3 +317,17 @@ def test_the_visual_prompt_starts_at_the_size_of_a_word_embedding(model, inputs,
     prefix = stage2.language_prefix(stage2.encode_image(inputs[0]))
     words = stage2.language_model.get_input_embeddings().weight
     assert 0.5 < prefix.std().item() / words.std().item() < 2.0
+
+
+def test_fresh_lr_goes_to_what_a_bert_init_leaves_random(model):
+    from capfilt.pretrain import _param_groups
+
+    groups = _param_groups(model, 0.05, lr=1e-4, fresh_lr=1e-3)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["qformer.encoder.layer.0.crossattention.attention.key.weight"])] == 1e-3
+    assert lr_of[id(named["query_tokens"])] == lr_of[id(named["itm_head.weight"])] == 1e-3
+    assert lr_of[id(named["qformer.encoder.layer.0.attention.attention.key.weight"])] == 1e-4
+    assert lr_of[id(named["embeddings.word_embeddings.weight"])] == 1e-4
+    assert len(lr_of) == sum(p.requires_grad for p in model.parameters())
+    assert {g["lr"] for g in _param_groups(model, 0.05, lr=1e-4)} == {1e-4}  # no fresh_lr: one lr
