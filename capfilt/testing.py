@@ -153,8 +153,9 @@ def blip2_filter_on_captioner_tower(models: dict[str, str], path: Path) -> str:
 
 def build_tiny_qformer_parts(root: Path, hidden: int = 32, image_size: int = 32, seed: int = 0) -> dict[str, str]:
     """The pieces `capfilt pretrain` starts from, tiny and saved: a frozen BLIP-2 vision tower, the Q-Former's
-    BERT-style tokenizer (with the synthetic world's words) and a causal LLM (OPT) with its tokenizer."""
-    from transformers import Blip2VisionConfig, Blip2VisionModel, OPTConfig, OPTForCausalLM
+    BERT-style tokenizer (with the synthetic world's words), a BERT with that tokenizer (`--qformer-init`)
+    and a causal LLM (OPT) with its tokenizer."""
+    from transformers import BertConfig, BertForMaskedLM, Blip2VisionConfig, Blip2VisionModel, OPTConfig, OPTForCausalLM
 
     root = Path(root)
     torch.manual_seed(seed)
@@ -163,7 +164,12 @@ def build_tiny_qformer_parts(root: Path, hidden: int = 32, image_size: int = 32,
         image_size=image_size, patch_size=8, initializer_range=0.02))  # its default (1e-10) gives a constant tower
     vision.save_pretrained(root / "vision")
     _image_processor(image_size).save_pretrained(root / "vision")
-    _bert_tokenizer().save_pretrained(root / "tokenizer")
+    bert_tok = _bert_tokenizer()
+    bert_tok.save_pretrained(root / "tokenizer")
+    BertForMaskedLM(BertConfig(vocab_size=len(bert_tok), hidden_size=hidden, num_hidden_layers=2,
+                               num_attention_heads=2, intermediate_size=4 * hidden, max_position_embeddings=64,
+                               pad_token_id=bert_tok.pad_token_id)).save_pretrained(root / "bert")
+    bert_tok.save_pretrained(root / "bert")
     llm_tok = _llm_tokenizer()
     llm = OPTForCausalLM(OPTConfig(
         vocab_size=len(llm_tok), hidden_size=hidden, ffn_dim=4 * hidden, num_hidden_layers=2, num_attention_heads=2,
@@ -171,7 +177,8 @@ def build_tiny_qformer_parts(root: Path, hidden: int = 32, image_size: int = 32,
         eos_token_id=llm_tok.eos_token_id, pad_token_id=llm_tok.pad_token_id, init_std=0.2))
     llm.save_pretrained(root / "llm")
     llm_tok.save_pretrained(root / "llm")
-    return {"vision": str(root / "vision"), "tokenizer": str(root / "tokenizer"), "llm": str(root / "llm")}
+    return {"vision": str(root / "vision"), "tokenizer": str(root / "tokenizer"), "bert": str(root / "bert"),
+            "llm": str(root / "llm")}
 
 
 # ------------------------------------------------------------------------------------------ real Hub files

@@ -1,44 +1,77 @@
-"""The demo recipe end to end with tiny random frozen parts (no download): every stage runs, and the summary
-agrees with the shards and the output."""
+"""The demo recipe end to end with tiny random frozen parts (no download): every stage of every fold runs, no
+photo is judged by a model that trained on it, and the summary agrees with the shards and the output."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import pyarrow.parquet as pq
+import pytest
 
 from capfilt.data.reader import read_shard
-from capfilt.settings import QFormerShape
 from capfilt.testing import build_tiny_qformer_parts
-from pipelines.demo import REPO, DemoConfig, run_demo
+from pipelines.demo import REPO, DemoConfig, judged_and_trained, run_demo
 
 
-def test_demo_recipe_runs_every_stage_and_reports_against_the_planted_noise(tmp_path):
-    parts = build_tiny_qformer_parts(tmp_path / "parts")
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    parts = build_tiny_qformer_parts(tmp / "parts")
     messages = []
-    config = DemoConfig(out=str(tmp_path / "loop"), vision=parts["vision"], llm=parts["llm"], stage1_steps=3,
-                        stage2_steps=2, batch_size=8, num_captions=2, workers=0, device="cpu",
-                        shape=QFormerShape(hidden_size=32, num_layers=2, num_heads=2, num_query_tokens=4,
-                                           embed_dim=128))
-    summary = run_demo(config, say=messages.append)
-    loop = tmp_path / "loop"
-    assert [m.split("]")[0] for m in messages] == ["[1/5", "[2/5", "[3/5", "[3/5", "[4/5", "[5/5"]
-    for done in ("tokenizer/tokenizer_config.json", "stage1/config.json", "stage2/config.json",
-                 "stage2/llm_tokenizer/tokenizer_config.json"):
-        assert (loop / done).is_file(), done
-    assert len(list((loop / "cleaned").glob("*_stats.json"))) == 4
+    config = DemoConfig(out=str(tmp / "loop"), vision=parts["vision"], llm=parts["llm"], qformer_init=parts["bert"],
+                        stage1_steps=2, stage2_steps=2, batch_size=8, num_captions=2, num_query_tokens=4,
+                        workers=0, device="cpu")
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("pipelines.demo").addHandler(handler)
+    yield config, run_demo(config), messages
+    logging.getLogger("pipelines.demo").removeHandler(handler)
+
+
+def test_every_fold_runs_every_stage_and_the_figures_agree_with_the_output(demo):
+    config, summary, messages = demo
+    loop = Path(config.out)
+    assert [m.split("]")[0] for m in messages] == ["[1/5", "[2/5"] + ["[3/5", "[3/5", "[4/5"] * 2 + ["[5/5"]
+    for fold in ("fold-0", "fold-1"):
+        for done in ("stage1/config.json", "stage2/config.json", "stage2/llm_tokenizer/tokenizer_config.json",
+                     "cleaned/report.html"):
+            assert (loop / fold / done).is_file(), (fold, done)
 
     truth = {s.key: s.meta["capfilt_demo"]["noisy"] for p in sorted((REPO / "shards").glob("demo-*.tar"))
              for s in read_shard(str(p))}
-    rows = [r for p in sorted((loop / "cleaned").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    rows = [r for p in sorted(loop.glob("fold-*/cleaned/*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert sorted(r["key"] for r in rows) == sorted(truth)  # every photo judged, once
     removed = {r["key"] for r in rows if r["web_caption"] not in (r["kept_captions"] or [])}
     noise = summary.noise
     assert (noise.noisy, noise.clean) == (sum(truth.values()), len(truth) - sum(truth.values())) == (20, 60)
     assert noise.noisy_removed == sum(truth[k] for k in removed)
     assert noise.clean_kept == sum(not truth[k] for k in truth if k not in removed)
-    assert all(len(ex["synthetic"]) == 2 for ex in noise.examples)
-    assert "planted noisy captions removed" in summary.format()
-    page = (loop / "cleaned" / "report.html").read_text()
-    assert summary.report == str(loop / "cleaned" / "report.html") and f"report: {summary.report}" in summary.format()
-    assert "20 planted noisy and 60 clean web" in page  # the report found the demo's ground truth
+    figures = summary.figures
+    assert 0.0 <= figures.web_auc <= 1.0 and figures.synthetic_total == 2 * len(truth)
+    assert figures.retrieval_chance["text->image R@1"] == pytest.approx(1 / 40)
+    assert 0.0 <= figures.bleu4 <= 100.0 and figures.human_bleu4 > figures.bleu4  # tiny random captioners
+    text = summary.format()
+    assert "ROC AUC" in text and "BLEU-4" in text and "precision of the removals" in text
 
-    again = run_demo(config, say=messages.append)  # a rerun finds every stage done
+    again = run_demo(config)  # a rerun finds every stage done
     assert again.seconds["stage 1"] < summary.seconds["stage 1"] or summary.seconds["stage 1"] < 1
+
+
+def test_no_photo_is_judged_by_a_model_that_trained_on_it(demo):
+    config, _, _ = demo
+    folds = sorted(Path(config.out).glob("fold-*"))
+    pairs = judged_and_trained(folds)
+    assert len(pairs) == 2
+    for judged, trained in pairs:
+        assert len(judged) == 40 and len(trained) == 40
+        assert not judged & trained, sorted(judged & trained)[:3]
+    assert set().union(*(judged for judged, _ in pairs)) == set().union(*(trained for _, trained in pairs))
+
+
+def test_roc_auc_counts_ties_half_and_equals_the_pair_count():
+    from capfilt.bootstrap.truth import roc_auc
+
+    assert roc_auc([3.0, 2.0], [1.0, 0.0]) == 1.0 and roc_auc([0.0], [1.0]) == 0.0
+    assert roc_auc([1.0, 2.0], [2.0, 0.0]) == 0.625  # 3 of 4 pairs won, the tie counts half
+    assert roc_auc([1.0], []) != roc_auc([1.0], [])  # nan

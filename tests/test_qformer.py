@@ -173,6 +173,34 @@ def test_stage1_step_has_finite_losses_and_trains_every_stage1_parameter(model, 
     model.zero_grad(set_to_none=True)
 
 
+@torch.no_grad()
+def test_the_fast_step_gives_the_losses_of_the_full_one(model, inputs, qformer_parts):
+    """ITG projected only where there are targets, text padded to the batch's longest caption, the frozen
+    tower's output cached per image: the same three losses as full logits over fixed-length text."""
+    from capfilt.train.pretrain import FrozenFeatures
+
+    pixels, ids, mask = inputs
+    embeds = model.encode_image(pixels)
+    dec = ids.clone()
+    dec[:, 0] = model.config.decoder_token_id
+    full = losses.itg_loss(model.itg_logits(embeds, dec, mask), dec, mask)
+    assert model.itg_loss(embeds, dec, mask).item() == pytest.approx(full.item(), rel=1e-5)
+
+    batch = PairBatch(pixels, CAPTIONS, torch.arange(4), [], {})
+    tokenizer = qformer_tokenizer(qformer_parts["tokenizer"])
+    fixed = Tokenize(1, tokenizer, 16, fixed_length=True)(batch)
+    longest = Tokenize(1, tokenizer, 16)(batch)
+    assert longest["input_ids"].shape[1] == int(longest["attention_mask"].sum(1).max()) < 16
+    cache = FrozenFeatures(capacity=3)  # one image more than it holds: computed, not cached
+    cached = {k: v for k, v in longest.items() if k != "pixel_values"}
+    reference = model(**fixed, negatives_seed=2)
+    for _ in range(2):  # the first call fills the cache, the second reads it
+        out = model(**cached, image_tokens=cache(model, pixels, longest["sample_ids"]), negatives_seed=2)
+        for key in ("loss_itc", "loss_itm", "loss_itg"):
+            assert getattr(out, key).item() == pytest.approx(getattr(reference, key).item(), rel=1e-5), key
+    assert len(cache.store) == 3
+
+
 def test_run_directory_round_trips_through_from_pretrained(model, inputs, tmp_path):
     pixels, ids, mask = inputs
     model.save_pretrained(tmp_path)
@@ -290,3 +318,17 @@ def test_the_visual_prompt_starts_at_the_size_of_a_word_embedding(model, inputs,
     prefix = stage2.language_prefix(stage2.encode_image(inputs[0]))
     words = stage2.language_model.get_input_embeddings().weight
     assert 0.5 < prefix.std().item() / words.std().item() < 2.0
+
+
+def test_fresh_lr_goes_to_what_a_bert_init_leaves_random(model):
+    from capfilt.train.pretrain import _param_groups
+
+    groups = _param_groups(model, 0.05, lr=1e-4, fresh_lr=1e-3)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["qformer.encoder.layer.0.crossattention.attention.key.weight"])] == 1e-3
+    assert lr_of[id(named["query_tokens"])] == lr_of[id(named["itm_head.weight"])] == 1e-3
+    assert lr_of[id(named["qformer.encoder.layer.0.attention.attention.key.weight"])] == 1e-4
+    assert lr_of[id(named["embeddings.word_embeddings.weight"])] == 1e-4
+    assert len(lr_of) == sum(p.requires_grad for p in model.parameters())
+    assert {g["lr"] for g in _param_groups(model, 0.05, lr=1e-4)} == {1e-4}  # no fresh_lr: one lr

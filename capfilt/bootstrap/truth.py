@@ -12,6 +12,23 @@ from capfilt.data.reader import expand_specs, read_shard, shard_name
 from capfilt.data.schema import ERROR
 
 
+def roc_auc(positives: list[float], negatives: list[float]) -> float:
+    """ROC AUC: the chance that a positive scores above a negative, ties counting half (Mann-Whitney U over
+    the pair count), so it needs no threshold. nan when either side is empty."""
+    if not positives or not negatives:
+        return float("nan")
+    ranked = sorted([(v, 1) for v in positives] + [(v, 0) for v in negatives])
+    rank_sum, i = 0.0, 0
+    while i < len(ranked):  # tied values share their mean rank
+        j = i
+        while j < len(ranked) and ranked[j][0] == ranked[i][0]:
+            j += 1
+        rank_sum += sum(label for _, label in ranked[i:j]) * (i + j + 1) / 2
+        i = j
+    n_pos, n_neg = len(positives), len(negatives)
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
 @dataclass
 class NoiseReport:
     """The filter against planted ground truth, on web captions: `removed` = not among the kept captions."""

@@ -68,7 +68,7 @@ class Candidate:
     """One caption of an image. `score` is P(match) from the filter; `kept` is set by the selection."""
 
     caption: str
-    source: Literal["web", "synthetic"]
+    source: Literal["web", "synthetic", "human"]  # human: an annotator's caption (the demo's training shards)
     score: float | None = None
     kept: bool | None = None
 

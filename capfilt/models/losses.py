@@ -83,6 +83,20 @@ def gather(x: torch.Tensor, grad: bool = True) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def pad_to_global_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (B, T) tokens to the longest T over ranks (identity in one process), so that they can be
+    gathered while each rank's batch is padded only to its own longest caption."""
+    if not distributed():
+        return input_ids, attention_mask
+    length = torch.tensor(input_ids.shape[1], device=input_ids.device)
+    dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    extra = int(length.item()) - input_ids.shape[1]
+    if extra == 0:
+        return input_ids, attention_mask
+    return F.pad(input_ids, (0, extra), value=pad_id), F.pad(attention_mask, (0, extra), value=0)
+
+
 def row_offset(rows: int) -> int:
     """Index of this rank's first row in the gathered batch."""
     return dist.get_rank() * rows if distributed() else 0

@@ -10,7 +10,7 @@ The image encoder can be any Hugging Face vision tower (CLIP, SigLIP, ViT, DINOv
 EfficientNet-Lite0. Its final LayerNorm, when it has one, is moved out of the frozen tower into the trainable
 `ln_vision` (BLIP-2's "trainable LayerNorm on the frozen ViT"), starting from the pretrained values.
 
-One file of about 500 lines on purpose, as transformers keeps one file per model: config, model, the stage-1 and
+One file of over 500 lines on purpose, as transformers keeps one file per model: config, model, the stage-1 and
 stage-2 forwards and building from parts read top to bottom, and a split would scatter one model.
 
 A saved model is one `from_pretrained` directory holding all of it, frozen parts included, so a run
@@ -209,11 +209,18 @@ class QFormerModel(PreTrainedModel):
 
     # ------------------------------------------------------------------------------------------- features
 
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, N, D) frozen tower tokens through the trainable LayerNorm."""
+    @torch.no_grad()
+    def frozen_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, N, D) the frozen tower's tokens, before the trainable LayerNorm. Without
+        augmentation they are a function of the image alone, so a trainer may compute them once per image."""
         dtype = next(self.vision_model.parameters()).dtype
-        with torch.no_grad():
-            tokens = self.vision_model(pixel_values=pixel_values.to(dtype)).last_hidden_state
+        return self.vision_model(pixel_values=pixel_values.to(dtype)).last_hidden_state
+
+    def encode_image(self, pixel_values: torch.Tensor | None = None, image_tokens: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """(B, 3, H, W) pixels, or (B, N, D) `frozen_tokens` already computed -> (B, N, D) through the
+        trainable LayerNorm."""
+        tokens = self.frozen_tokens(pixel_values) if image_tokens is None else image_tokens
         return self.ln_vision(tokens.to(self.ln_vision.weight.dtype))
 
     def query_outputs(self, image_embeds: torch.Tensor) -> torch.Tensor:
@@ -250,12 +257,26 @@ class QFormerModel(PreTrainedModel):
         hidden = self._joint(image_embeds, input_ids, attention_mask)[:, : self.config.num_query_tokens]
         return self.itm_head(hidden).mean(dim=1)
 
+    def itg_hidden(self, image_embeds, input_ids, attention_mask) -> torch.Tensor:
+        """Text positions' outputs under the multimodal causal mask: (B, T, H). input_ids start with `[DEC]`."""
+        mask = losses.itg_mask(self.config.num_query_tokens, attention_mask, self.query_tokens.dtype)
+        return self._joint(image_embeds, input_ids, mask)[:, self.config.num_query_tokens :]
+
     def itg_logits(self, image_embeds, input_ids, attention_mask) -> torch.Tensor:
         """Next-token logits at the text positions under the multimodal causal mask: (B, T, V). input_ids must
         start with `[DEC]`."""
-        mask = losses.itg_mask(self.config.num_query_tokens, attention_mask, self.query_tokens.dtype)
-        hidden = self._joint(image_embeds, input_ids, mask)[:, self.config.num_query_tokens :]
-        return self.itg_head(hidden)
+        return self.itg_head(self.itg_hidden(image_embeds, input_ids, attention_mask))
+
+    def itg_loss(self, image_embeds, input_ids, attention_mask) -> torch.Tensor:
+        """`losses.itg_loss` of `itg_logits`, with the vocabulary projection run only at the positions that
+        have a target: with a 30k-word vocabulary that projection is most of ITG's cost, and padding and the
+        last token (no next token) are a third or more of the positions."""
+        hidden = self.itg_hidden(image_embeds, input_ids, attention_mask)
+        scored = attention_mask[:, 1:] != 0
+        logits = self.itg_head(hidden[:, :-1][scored])  # (targets, V)
+        total = F.cross_entropy(logits.float(), input_ids[:, 1:][scored], label_smoothing=losses.LABEL_SMOOTHING,
+                                reduction="sum")
+        return total / losses.tokens_per_rank(input_ids[:, 1:].masked_fill(~scored, losses.IGNORE))
 
     def language_prefix(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """The soft visual prompt: query outputs projected to the LLM's width, (B, Q, D_llm)."""
@@ -264,17 +285,21 @@ class QFormerModel(PreTrainedModel):
 
     # ------------------------------------------------------------------------------------------- training
 
-    def forward(self, pixel_values, input_ids=None, attention_mask=None, sample_ids=None, negatives_seed: int = 0,
-                llm_input_ids=None, llm_attention_mask=None, llm_labels=None) -> QFormerOutput:
+    def forward(self, pixel_values=None, input_ids=None, attention_mask=None, sample_ids=None, negatives_seed: int = 0,
+                llm_input_ids=None, llm_attention_mask=None, llm_labels=None, image_tokens=None) -> QFormerOutput:
         """Stage 1 when `llm_labels` is None (input_ids / attention_mask: (B, T) Q-Former tokens starting with
-        `[CLS]`; sample_ids: (B,) equal for copies of one image; negatives_seed fixes the hard-negative draw),
-        stage 2 otherwise (llm_*: (B, L) LLM tokens, labels -100 on prompt and padding)."""
-        image_embeds = self.encode_image(pixel_values)
+        `[CLS]`, padded to any length; sample_ids: (B,) equal for copies of one image; negatives_seed fixes the
+        hard-negative draw), stage 2 otherwise (llm_*: (B, L) LLM tokens, labels -100 on prompt and padding).
+        image_tokens: the frozen tower's output for pixel_values (`frozen_tokens`), when the caller has it."""
+        image_embeds = self.encode_image(pixel_values, image_tokens)
         if llm_labels is not None:
             return self._stage2(image_embeds, llm_input_ids, llm_attention_mask, llm_labels)
         if sample_ids is None:
             batch = input_ids.shape[0]
             sample_ids = torch.arange(batch, device=input_ids.device) + losses.row_offset(batch)
+        # Ranks pad to their own longest caption; the hard-negative texts are gathered, so shapes must agree.
+        input_ids, attention_mask = losses.pad_to_global_length(input_ids, attention_mask,
+                                                                self.config.qformer_config.pad_token_id or 0)
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
 
@@ -294,7 +319,7 @@ class QFormerModel(PreTrainedModel):
 
         dec_ids = input_ids.clone()
         dec_ids[:, 0] = self.config.decoder_token_id
-        loss_itg = losses.itg_loss(self.itg_logits(image_embeds, dec_ids, attention_mask), dec_ids, attention_mask)
+        loss_itg = self.itg_loss(image_embeds, dec_ids, attention_mask)
         return QFormerOutput(loss=loss_itc + loss_itm + loss_itg, loss_itc=loss_itc, loss_itm=loss_itm,
                              loss_itg=loss_itg)
 
@@ -456,6 +481,16 @@ BERT_KEYS = [
     (r"^itg_head\.decoder\.weight$", "bert.embeddings.word_embeddings.weight"),
     (r"^itg_head\.decoder\.bias$", "cls.predictions.bias"),
 ]
+
+
+def fresh_parameter(name: str) -> bool:
+    """Whether a BERT init leaves this parameter at its random init: everything BERT_KEYS does not map
+    (cross-attention, query tokens, ITC projections and temperature, ITM head, ln_vision, the language
+    projection), and the LM-head transform and bias: a sentence encoder such as MiniLM ships none (they stay
+    random), and a real BERT's merely get the higher lr."""
+    if name.startswith("itg_head.") and name != "itg_head.decoder.weight":
+        return True
+    return not any(re.match(pattern, name) for pattern, _ in BERT_KEYS)
 
 
 def _load_bert(model: QFormerModel, bert: dict[str, torch.Tensor]) -> None:

@@ -141,7 +141,7 @@ def run(config: EvalConfig) -> EvalReport:
     model = parts.model.to(resolve_device(config.device))
     stream = PairStream(expand_specs(config.specs), ImageTransform(parts.image_processor), config.batch_size,
                         resampled=False, drop_last=False, seed=config.seed)
-    stage1 = Tokenize(1, parts.tokenizer, model.config.max_text_length)
+    stage1 = Tokenize(1, parts.tokenizer, model.config.max_text_length, fixed_length=True)  # re-ranking concatenates
     stage2 = None
     if model.has_language_model:
         stage2 = Tokenize(2, parts.tokenizer, model.config.max_text_length, parts.llm_tokenizer, model.config.prompt)

@@ -28,7 +28,7 @@ from capfilt.data.pairs import PairStream, load_pairs
 from capfilt.data.reader import expand_specs
 from capfilt.errors import CapfiltError
 from capfilt.models.loading import ImageTransform, resolve_device
-from capfilt.models.qformer import QFormerModel
+from capfilt.models.qformer import QFormerModel, fresh_parameter
 from capfilt.settings import OptimConfig, PretrainConfig
 from capfilt.train.parts import Parts, Tokenize, build
 from capfilt.train.rundir import (
@@ -130,7 +130,8 @@ def pretrain(config: PretrainConfig) -> PretrainSummary:
 
     last = fit(parts.model, lambda start: shard_batches(config, parts, accelerator, start), config.optim,
                accelerator, start_step=start_step, trainer_state=trainer_state, seed=config.seed,
-               log_every=config.log_every, save_every=config.save_every, save=save, log=log)
+               log_every=config.log_every, save_every=config.save_every, save=save, log=log,
+               frozen_cache=config.frozen_cache)
     accelerator.end_training()
     return PretrainSummary(str(out), config.optim.steps, samples, dict(skipped), last, accelerator.is_main_process)
 
@@ -138,13 +139,40 @@ def pretrain(config: PretrainConfig) -> PretrainSummary:
 # ----------------------------------------------------------------------------------------------- fit
 
 
-def _param_groups(model: QFormerModel, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms and the temperature (1-d or scalar parameters)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
+def _param_groups(model: QFormerModel, weight_decay: float, lr: float, fresh_lr: float | None = None) -> list[dict]:
+    """No weight decay on biases, norms and the temperature (1-d or scalar parameters); `fresh_lr` for the
+    parameters no BERT init seeds. The LambdaLR schedule scales every group's lr alike. Without `fresh_lr` the
+    groups are [decay, no decay], as the trainer states of earlier runs hold them."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            fresh = fresh_lr is not None and fresh_parameter(name)
+            groups.setdefault((param.dim() >= 2, fresh), []).append(param)
+    ordered = sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1]))
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": fresh_lr if fresh else lr}
+            for (decay, fresh), params in ordered]
+
+
+class FrozenFeatures:
+    """The frozen image tower's outputs by sample id, for up to `capacity` images: without augmentation they
+    never change, so a corpus seen for many epochs (fine-tuning on a few thousand human pairs) pays for the
+    tower once per image instead of once per step. A corpus larger than the capacity just computes the rest."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.store: dict[int, torch.Tensor] = {}
+
+    def __call__(self, model: QFormerModel, pixel_values: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
+        ids = sample_ids.tolist()
+        missing = [i for i, key in enumerate(ids) if key not in self.store]
+        fresh = {}
+        if missing:
+            tokens = model.frozen_tokens(pixel_values[missing])
+            for i, row in zip(missing, tokens):
+                fresh[ids[i]] = row
+                if len(self.store) < self.capacity:
+                    self.store[ids[i]] = row.clone()  # not a view that would keep the whole batch alive
+        return torch.stack([self.store.get(key, fresh.get(key)) for key in ids])
 
 
 def step_seed(seed: int, step: int, micro: int) -> int:
@@ -156,21 +184,24 @@ def fit(model: QFormerModel, batches: Callable[[int], Iterator[dict]], optim: Op
         accelerator: Accelerator, *, start_step: int = 0, trainer_state: dict | None = None, seed: int = 0,
         log_every: int = 10, save_every: int | None = None,
         save: Callable[[QFormerModel, dict, int], None] | None = None,
-        log: Callable[[dict], None] | None = None) -> dict[str, float]:
+        log: Callable[[dict], None] | None = None, frozen_cache: int = 0) -> dict[str, float]:
     """Train from `start_step` to `optim.steps`. `batches(start_step)` yields this rank's micro-batches
-    (keyword arguments of the model, plus an optional "skipped" count dict). Returns the last logged values."""
+    (keyword arguments of the model, plus an optional "skipped" count dict). `frozen_cache`: keep the frozen
+    tower's outputs of up to this many images (by the batches' sample_ids). Returns the last logged values."""
     if accelerator.device.type == "cuda" and accelerator.mixed_precision in ("bf16", "fp16"):
         frozen = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16
         model.vision_model.to(frozen)  # frozen parts in low precision: half the memory, no grads to keep exact
         if model.has_language_model:
             model.language_model.to(frozen)
-    optimizer = torch.optim.AdamW(_param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas)
+    optimizer = torch.optim.AdamW(_param_groups(model, optim.weight_decay, optim.lr, optim.fresh_lr), lr=optim.lr,
+                                  betas=optim.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, optim.lr_factor)
     if trainer_state is not None:
         optimizer.load_state_dict(trainer_state["optimizer"])
         scheduler.load_state_dict(trainer_state["scheduler"])
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
     ddp_model.train()
+    cache = FrozenFeatures(frozen_cache) if frozen_cache else None
     source = batches(start_step)
     keys = ("loss", "loss_itc", "loss_itm", "loss_itg", "loss_lm")
     totals, samples, micro_steps, skipped, last = {}, 0, 0, Counter(), {}
@@ -185,6 +216,9 @@ def fit(model: QFormerModel, batches: Callable[[int], Iterator[dict]], optim: Op
                 batch = next(source)
             skipped.update(batch.pop("skipped", {}))
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+            rows = batch["pixel_values"].shape[0]
+            if cache is not None and "sample_ids" in batch:
+                batch["image_tokens"] = cache(model, batch.pop("pixel_values"), batch["sample_ids"])
             seed_here = step_seed(seed, step, micro)
             torch.manual_seed(seed_here + accelerator.process_index)
             context = accelerator.no_sync(ddp_model) if micro < optim.grad_accum - 1 else contextlib.nullcontext()
@@ -194,7 +228,7 @@ def fit(model: QFormerModel, batches: Callable[[int], Iterator[dict]], optim: Op
             for key in keys:
                 if getattr(out, key, None) is not None:
                     totals[key] = totals.get(key, 0.0) + getattr(out, key).detach().float()
-            samples += batch["pixel_values"].shape[0]
+            samples += rows
             micro_steps += 1
         accelerator.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
         optimizer.step()
