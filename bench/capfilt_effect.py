@@ -1,6 +1,6 @@
 """BLIP's Table 1 in miniature: does bootstrapping the corpus make pre-training better?
 
-For each seed, on the synthetic world (`capfilt.synth`, one coloured shape per 32 px image, captions like "a red
+For each seed, on the synthetic world (`capfilt.data.synth`, one coloured shape per 32 px image, captions like "a red
 circle at the top left"):
 
     raw       a web-like corpus with planted noise (default 30%: those captions belong to another image)

@@ -8,11 +8,7 @@ The front door: each step of the loop is one library call, with its config from 
 Names are imported on first use, so `import capfilt` (and the CLI's --help) does not import torch.
 """
 
-from capfilt import log
 from capfilt.errors import CapfiltError
-
-# capfilt's messages show by default, as transformers' warnings do: on its own logger, never the root one.
-log.configure()
 
 __version__ = "0.1.0"
 

@@ -22,10 +22,11 @@ PRETRAIN, STAGE1, OPTIM = "Pre-training", "Stage 1 (new Q-Former)", "Optimisatio
 
 
 def setting(default: Any = MISSING, help: str = "", *, panel: str | None = None, flags: tuple[str, ...] = (),
-            cli: bool = True, argument: bool = False, factory: Any = MISSING):
+            cli: bool = True, argument: bool = False, path: bool = False, factory: Any = MISSING):
     """A config field with its help text. `flags`: the option's names when not `--field-name`; `argument`: a
-    positional argument; `cli=False`: a library-only setting (no option)."""
-    meta = {"help": help, "panel": panel, "flags": flags, "cli": cli, "argument": argument}
+    positional argument; `path`: a file or directory (the CLI normalises it); `cli=False`: a library-only
+    setting (no option)."""
+    meta = {"help": help, "panel": panel, "flags": flags, "cli": cli, "argument": argument, "path": path}
     if factory is not MISSING:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -50,7 +51,7 @@ class RunConfig:
     specs: tuple[str, ...] = setting(help="Input shards: .tar files, directories of them, globs, brace patterns "
                                           "(data-{000000..000099}.tar), URLs or pipe: commands.", argument=True)
     out: str = setting(help="Output directory (one .tar, .parquet and _stats.json per input shard). Rerunning "
-                            "the same command resumes.", panel=RUN, flags=("--out", "-o"))
+                            "the same command resumes.", panel=RUN, flags=("--out", "-o"), path=True)
     batch_size: int = setting(16, "Images per model batch.", panel=RUN)
     workers: int = setting(2, "DataLoader workers decoding images (0: in the main process).", panel=RUN)
     seed: int | None = setting(0, "Sampling seed, derived per shard and batch so that output does not depend on "
@@ -169,7 +170,7 @@ class SelectConfig:
 
     specs: tuple[str, ...] = shared(RunConfig, "specs")
     source: str = setting(help="The output of a filter or bootstrap run: its parquet holds the scores. Never "
-                               "altered.", panel=RUN, flags=("--from",))
+                               "altered.", panel=RUN, flags=("--from",), path=True)
     out: str = shared(RunConfig, "out")
     policy: str | None = setting(None, "blip or blip2 (default: the recorded run's).", panel=FILTER)
     threshold: float | None = setting(None, "Minimum P(match) to keep a caption (default: the recorded run's).",
@@ -182,8 +183,8 @@ class SelectConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ReportConfig:
-    out: str = setting(help="An output directory of filter, bootstrap or select.", argument=True)
-    html: str | None = setting(None, "Where to write the page (default: OUT/report.html).")
+    out: str = setting(help="An output directory of filter, bootstrap or select.", argument=True, path=True)
+    html: str | None = setting(None, "Where to write the page (default: OUT/report.html).", path=True)
     samples: int = setting(12, "Gallery samples drawn from each of kept, dropped and errors.")
     seed: int = setting(0, "Seeds the gallery draw: same seed, same samples.")
 
@@ -324,7 +325,7 @@ class PretrainConfig:
                             "starting from a stage-1 run (--init).", panel=PRETRAIN)
     specs: tuple[str, ...] = shared(RunConfig, "specs")
     out: str = setting(help="Run directory: checkpoints, metrics.jsonl, and at the end the model itself (usable "
-                            "as --captioner / --filter).", panel=PRETRAIN, flags=("--out", "-o"))
+                            "as --captioner / --filter).", panel=PRETRAIN, flags=("--out", "-o"), path=True)
     vision: str | None = setting(None, "Frozen image encoder: a Hugging Face vision model (CLIP, SigLIP, ViT, "
                                        "DINOv2, BLIP/BLIP-2 vision; Hub id or local dir) or EfficientNet-Lite0's "
                                        ".pth.", panel=STAGE1)

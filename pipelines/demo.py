@@ -85,7 +85,7 @@ class Figures:
 
     web_auc: float  # ROC AUC of the web caption's filter score against the planted noise (noise scored lower)
     web_auc_itc: float  # the same for the filter's ITC similarity: where the signal is when ITM has not learned
-    noise: object  # capfilt.bootstrap.stats.NoiseReport over all folds: precision and recall at the operating point
+    noise: object  # capfilt.bootstrap.truth.NoiseReport over all folds: precision and recall at the operating point
     retrieval: dict[str, float]  # text->image and image->text R@1 / R@5 by ITC on each fold's held-out photos
     retrieval_chance: dict[str, float]
     bleu4: float  # synthetic captions against the photo's 5 human captions (sacrebleu corpus BLEU)

@@ -25,6 +25,14 @@ def _isolated_hf_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _capfilt_logging():
+    """capfilt's messages on stderr, as the CLI sets them up, also where a test calls the library directly."""
+    from capfilt import log
+
+    log.configure()
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
     """Paths of saved tiny checkpoints: blip_captioner, blip_itm, blip2_captioner, blip2_itm."""

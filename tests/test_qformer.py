@@ -332,3 +332,12 @@ def test_fresh_lr_goes_to_what_a_bert_init_leaves_random(model):
     assert lr_of[id(named["embeddings.word_embeddings.weight"])] == 1e-4
     assert len(lr_of) == sum(p.requires_grad for p in model.parameters())
     assert {g["lr"] for g in _param_groups(model, 0.05, lr=1e-4)} == {1e-4}  # no fresh_lr: one lr
+
+
+def test_without_fresh_lr_the_groups_are_those_earlier_trainer_states_hold(model):
+    """[decay, no decay], as runs before --fresh-lr saved them: a resume of one loads its optimizer state."""
+    from capfilt.train.pretrain import _param_groups
+
+    groups = _param_groups(model, 0.05, lr=1e-4)
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert all(p.dim() >= 2 for p in groups[0]["params"]) and all(p.dim() < 2 for p in groups[1]["params"])

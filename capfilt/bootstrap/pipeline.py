@@ -49,7 +49,6 @@ class RunSummary:
     """What this invocation did; `capfilt.bootstrap.stats.summarize(out)` reports on the whole output."""
 
     out: str
-    shards_total: int
     shards_skipped: int  # already done by an earlier run
     shards_done: int = 0
     shards_failed: dict[str, str] = field(default_factory=dict)
@@ -89,7 +88,7 @@ def run(
     names = [reader.shard_name(u) for u in urls]
     prepare_output(out, _settings(config, captioner, scorer, selection), config.overwrite, names)
     todo = [u for u in urls if not stats_path(out, reader.shard_name(u)).exists()]
-    summary = RunSummary(out=str(out), shards_total=len(urls), shards_skipped=len(urls) - len(todo))
+    summary = RunSummary(out=str(out), shards_skipped=len(urls) - len(todo))
     if not todo:
         Claims(out, job).close(job_done=all_done(out))
         return summary

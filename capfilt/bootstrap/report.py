@@ -126,8 +126,8 @@ class Sweep:
             (self.noisy_scores if noisy else self.clean_scores).add([web_score])
 
     def table(self) -> dict[str, np.ndarray]:
-        """Counts and rates per threshold. Removal = the web caption not kept, as in the demo's
-        `NoiseReport`."""
+        """Counts and rates per threshold. Removal = the web caption not kept, as in
+        `capfilt.bootstrap.truth.NoiseReport`."""
         out = {"threshold": self.thresholds, "images_kept": self.images_kept.counts(),
                "web_kept": self.web_kept.counts(), "synthetic_kept": self.synthetic_kept.counts()}
         if self.noisy + self.clean:

@@ -55,7 +55,7 @@ def reselect(config: SelectConfig) -> RunSummary:
     check_apart_from_inputs(out, [Path(p) for p in map(reader.local_file, urls) if p is not None])
     prepare_output(out, new_settings, config.overwrite, [reader.shard_name(u) for u in urls])
     todo = [u for u in urls if not stats_path(out, reader.shard_name(u)).exists()]
-    summary = RunSummary(out=str(out), shards_total=len(urls), shards_skipped=len(urls) - len(todo))
+    summary = RunSummary(out=str(out), shards_skipped=len(urls) - len(todo))
     ids = ((settings.get("captioner") or {}).get("model"), settings["filter"]["model"])
     started = time.perf_counter()
     for url in tqdm(todo, unit="shard", desc="shards", disable=not config.progress):

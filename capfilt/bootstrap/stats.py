@@ -25,7 +25,7 @@ class OutputReport:
     read: int = 0
     written: int = 0
     dropped: int = 0
-    errors: Counter[str] = field(default_factory=Counter)
+    errors: dict[str, int] = field(default_factory=dict)  # a plain dict: dataclasses.asdict mangles a Counter
     web_scored: int = 0
     web_kept: int = 0
     synthetic_generated: int = 0
@@ -44,6 +44,7 @@ def summarize(out: Path) -> OutputReport:
     if shards is None:
         raise CapfiltError(f"{out} holds no capfilt output (no {MANIFEST})")
     done = set()
+    errors: Counter[str] = Counter()
     web_scores, synthetic_scores = [], []
     for path in (stats_path(out, shard) for shard in shards):
         if not path.exists():
@@ -54,12 +55,13 @@ def summarize(out: Path) -> OutputReport:
         for name in ("read", "written", "dropped", "web_kept", "synthetic_generated", "synthetic_kept"):
             setattr(report, name, getattr(report, name) + stats[name])
         report.oom_halvings += stats.get("oom_halvings", 0)  # absent from stats written before it existed
-        report.errors.update(stats["errors"])
+        errors.update(stats["errors"])
         rows = pq.read_table(out / f"{stats['shard']}.parquet", columns=["web_score", "synthetic_scores"])
         web = [s for s in rows.column("web_score").to_pylist() if s is not None]
         synthetic = [s for group in rows.column("synthetic_scores").to_pylist() if group for s in group]
         web_scores += web
         synthetic_scores += synthetic
+    report.errors = dict(errors)
     report.web_scored, report.synthetic_scored = len(web_scores), len(synthetic_scores)
     report.web_score_quantiles = _quantiles(web_scores)
     report.synthetic_score_quantiles = _quantiles(synthetic_scores)

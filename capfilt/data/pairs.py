@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
 
@@ -123,15 +124,15 @@ class PairStream(IterableDataset):
 
     def _batches(self, pairs: Iterator[tuple]) -> Iterator[PairBatch]:
         batch: list[tuple] = []
-        skipped: dict[str, int] = {}
+        skipped: Counter[str] = Counter()
         for pair in pairs:
             if pair[0] is None:
-                skipped[pair[1]] = skipped.get(pair[1], 0) + 1
+                skipped[pair[1]] += 1
                 continue
             batch.append(pair)
             if len(batch) == self.batch_size:
                 yield self._collate(batch, skipped)
-                batch, skipped = [], {}
+                batch, skipped = [], Counter()
         if batch and not self.drop_last:
             yield self._collate(batch, skipped)
         elif skipped:

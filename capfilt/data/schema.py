@@ -11,8 +11,8 @@ import pyarrow as pa
 
 from capfilt.data.files import TMP_SUFFIX
 
-# 1: manifests without "format" or "shards" (runs before 2026-12). 2: the manifest names every shard a run may
-# write, and carries this number. A reader refuses a newer format than its own.
+# 1: manifests without "format" (before 2026-12-02; the oldest also without "shards"). 2: the manifest carries
+# this number and names every shard a run may write. A reader refuses a newer format than its own.
 FORMAT_VERSION = 2
 
 MANIFEST = "capfilt_run.json"

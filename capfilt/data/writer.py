@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,7 +114,7 @@ class ShardStats:
     read: int = 0  # input samples seen (shard-level error rows not included)
     written: int = 0
     dropped: int = 0
-    errors: Counter[str] = field(default_factory=Counter)
+    errors: dict[str, int] = field(default_factory=dict)
     web_kept: int = 0
     synthetic_generated: int = 0
     synthetic_kept: int = 0
@@ -123,7 +122,7 @@ class ShardStats:
     oom_halvings: int = 0  # times a batch ran out of GPU memory and was retried in halves
 
     def count_error(self, reason: str) -> None:
-        self.errors[reason] += 1
+        self.errors[reason] = self.errors.get(reason, 0) + 1
 
 
 class ShardWriter:

@@ -14,11 +14,12 @@ from transformers.models.blip.image_processing_pil_blip import BlipImageProcesso
 
 from capfilt.errors import CapfiltError
 from capfilt.launcher import launcher_local_rank
+from capfilt.settings import DTYPES
 
 log = logging.getLogger(__name__)
 hf_logging.disable_progress_bar()  # capfilt shows its own progress; a bar per weight file is noise
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TORCH_DTYPES = dict(zip(DTYPES, (torch.float32, torch.bfloat16, torch.float16)))  # the names settings checks
 
 
 def resolve_device(device: str) -> torch.device:
@@ -85,7 +86,7 @@ def load_model(name: str, role: str, classes: dict[str, type[PreTrainedModel]], 
         raise CapfiltError(f"{role} {name!r} is {_kind(architectures[0], config.model_type)}, not "
                            f"{_kind(cls.__name__, config.model_type)} "
                            f"such as {KINDS[cls.__name__][1]}")
-    model = cls.from_pretrained(name, dtype=DTYPES[dtype])
+    model = cls.from_pretrained(name, dtype=TORCH_DTYPES[dtype])
     return model.to(resolve_device(device)).eval()
 
 

@@ -197,7 +197,11 @@ def fit(model: QFormerModel, batches: Callable[[int], Iterator[dict]], optim: Op
                                   betas=optim.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, optim.lr_factor)
     if trainer_state is not None:
-        optimizer.load_state_dict(trainer_state["optimizer"])
+        try:
+            optimizer.load_state_dict(trainer_state["optimizer"])
+        except ValueError as exc:  # other parameter groups: --fresh-lr given, dropped or changed since
+            raise CapfiltError(f"the checkpoint's optimizer state does not fit this run ({exc}): resume with the "
+                               "settings it was trained with (--fresh-lr included)") from None
         scheduler.load_state_dict(trainer_state["scheduler"])
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
     ddp_model.train()
