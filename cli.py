@@ -83,6 +83,14 @@ def _normal(value: Any, f: dataclasses.Field) -> Any:
     return value
 
 
+def _param_name(f: dataclasses.Field) -> str:
+    """A setting's parameter name: its option's long name (`--captioner` for CaptionerConfig.model), else the
+    field's; the field's where the option's is a keyword (`--from`)."""
+    flags = f.metadata["flags"]
+    name = flags[0].split("/")[0].lstrip("-").replace("-", "_") if flags else f.name
+    return f.name if keyword.iskeyword(name) else name
+
+
 def _options(config: type, fixed: dict[str, Any]) -> list[tuple[str, dataclasses.Field, Any]]:
     """(parameter name, field, parameter) for every CLI setting of `config`, nested configs flattened."""
     hints = typing.get_type_hints(config)
@@ -94,14 +102,11 @@ def _options(config: type, fixed: dict[str, Any]) -> list[tuple[str, dataclasses
         meta = f.metadata
         if not meta.get("cli", False) or f.name in fixed:
             continue
-        flags = meta["flags"]
-        name = flags[0].split("/")[0].lstrip("-").replace("-", "_") if flags else f.name
-        if keyword.iskeyword(name):  # --from
-            name = f.name
+        name = _param_name(f)
         if meta.get("argument"):
             info = typer.Argument(help=meta["help"])
         else:
-            info = typer.Option(*flags, help=meta["help"], rich_help_panel=meta["panel"])
+            info = typer.Option(*meta["flags"], help=meta["help"], rich_help_panel=meta["panel"])
         default = inspect.Parameter.empty
         if f.default is not dataclasses.MISSING:
             default = list(f.default) if isinstance(f.default, tuple) else f.default
@@ -119,14 +124,13 @@ def _options(config: type, fixed: dict[str, Any]) -> list[tuple[str, dataclasses
 def _build(config: type, values: dict[str, Any], fixed: dict[str, Any]) -> Any:
     hints = typing.get_type_hints(config)
     kwargs: dict[str, Any] = {}
-    names = {f.name: name for name, f, _ in _options(config, {})}
     for f in dataclasses.fields(config):
         if dataclasses.is_dataclass(hints[f.name]):
             kwargs[f.name] = _build(hints[f.name], values, fixed)
         elif f.name in fixed:
             kwargs[f.name] = fixed[f.name]
         elif f.metadata.get("cli", False):
-            value = values[names[f.name]]
+            value = values[_param_name(f)]
             if isinstance(value, list) or (value is None and typing.get_origin(hints[f.name]) is tuple):
                 value = tuple(value or ())
             if value is not None or f.default_factory is dataclasses.MISSING:
