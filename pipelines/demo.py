@@ -344,6 +344,7 @@ def itc_web_similarity(fold: Path, device: str) -> dict[str, float]:
 
     from capfilt.data.pairs import PairStream, load_pairs
     from capfilt.models.loading import ImageTransform, resolve_device
+    from capfilt.models.losses import similarities
     from capfilt.train.parts import Tokenize, load_parts
 
     parts = load_parts(str(fold / "stage1"))
@@ -359,7 +360,7 @@ def itc_web_similarity(fold: Path, device: str) -> dict[str, float]:
             inputs = {k: v.to(model.device) for k, v in tokenize(batch).items()}
             image = model.image_feats(model.encode_image(inputs["pixel_values"]))  # (B, Q, E)
             text = model.text_feats(inputs["input_ids"], inputs["attention_mask"])  # (B, E)
-            best = torch.einsum("bqe,be->bq", image, text).amax(dim=1)
+            best = similarities(image, text).diagonal()  # each photo against its own caption
             sims.update({key.split("/", 1)[1]: v for key, v in zip(batch.keys, best.tolist())})
     return sims
 
