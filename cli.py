@@ -21,6 +21,7 @@ import typer
 
 from capfilt.errors import CapfiltError
 from capfilt.settings import (
+    CalibrateConfig,
     CaptionerConfig,
     EvalConfig,
     PretrainConfig,
@@ -230,6 +231,21 @@ def bootstrap(run: RunConfig, captioner: CaptionerConfig, scorer: ScorerConfig, 
               processes: Processes = 1):
     """Caption and filter in one streaming pass (the main job): no intermediate shards."""
     _run(run, processes, captioner=captioner, scorer=scorer, selection=selection)
+
+
+@app.command()
+@with_settings(fixed={"calibration": None})
+def calibrate(config: CalibrateConfig, scorer: ScorerConfig):
+    """Measure a filter on human-captioned pairs it never trained on (each image with its own captions and with
+    other images' captions), pick its better raw score (ITM margin or ITC similarity) and fit P(match) to it.
+    Pass the file to filter or bootstrap as --calibration: a filter fine-tuned on few pairs then keeps BLIP's
+    0.5 rule meaningful on new photos."""
+    from capfilt.bootstrap.calibrate import calibrate as run
+    from capfilt.bootstrap.calibrate import describe
+    from capfilt.models.scorer import Scorer
+
+    typer.echo(describe(run(config, Scorer(scorer))))
+    typer.echo(f"calibration written to {config.out}; use it with --calibration {config.out}")
 
 
 @app.command("select")

@@ -136,6 +136,10 @@ class ScorerConfig:
                          panel=FILTER, flags=("--filter",))
     max_text_length: int | None = setting(None, "None: 35 tokens for BLIP (its ITM training), 32 for BLIP-2's "
                                                 "Q-Former.", cli=False)
+    calibration: str | None = setting(None, "A `capfilt calibrate` file for this filter: the score becomes "
+                                            "P(match) fitted on held-out human pairs (ITM margin or ITC "
+                                            "similarity, whichever separated them better). None: the ITM head's "
+                                            "own P(match).", panel=FILTER, path=True)
     device: str = setting("auto", "auto, cpu, cuda or cuda:N.", panel=RUN)
     dtype: str = setting("fp32", "Model precision: fp32, bf16 or fp16.", panel=RUN)
 
@@ -143,6 +147,31 @@ class ScorerConfig:
         check_dtype(self.dtype)
         if self.max_text_length is not None and self.max_text_length < 2:
             raise CapfiltError("--max-text-length must be at least 2")
+        if self.calibration is not None and not Path(self.calibration).is_file():
+            raise CapfiltError(f"--calibration {self.calibration!r} is not a file: write one with `capfilt calibrate`")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrateConfig:
+    """`capfilt calibrate`: the filter measured on human-captioned pairs it never trained on."""
+
+    specs: tuple[str, ...] = setting(help="Shards of human-captioned images the filter never trained on: each "
+                                          "sample's `human` captions when a capfilt block lists them, else its "
+                                          "txt. A few hundred images are plenty.", argument=True)
+    out: str = setting(help="The calibration file to write (json), for `--calibration`.", flags=("--out", "-o"),
+                       path=True)
+    score: Literal["auto", "itm", "itc"] = setting("auto", "The raw score to calibrate: itm (the ITM head's logit "
+                                                           "margin), itc (the contrastive similarity, BLIP-2's "
+                                                           "ranking score) or auto (the higher ROC AUC).")
+    negatives: int = setting(8, "Mismatched pairs per image: one caption of each of this many other images.")
+    batch_size: int = shared(RunConfig, "batch_size")
+    seed: int = setting(0, "Seeds which other images' captions make the mismatched pairs.")
+
+    def __post_init__(self):
+        if self.score not in ("auto", "itm", "itc"):
+            raise CapfiltError(f"--score must be auto, itm or itc, got {self.score!r}")
+        if self.negatives < 1 or self.batch_size < 1:
+            raise CapfiltError("--negatives and --batch-size must be at least 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -274,6 +303,11 @@ class QFormerShape:
     initializer_range: float = setting(0.02, "Std of the new weights' normal init.", cli=False)
     init_from: str | None = setting(None, "BERT checkpoint that seeds the Q-Former (BLIP-2: bert-base-uncased); "
                                           "sets its width and depth.", panel=STAGE1, flags=("--qformer-init",))
+    # A sentence encoder (all-MiniLM-L6-v2) was trained mean-pooled: its [CLS] output carries no sentence
+    # meaning, which ITC would then have to learn from the captions at hand.
+    text_pooling: Literal["cls", "mean"] = setting("cls", "ITC text feature: cls (BLIP-2's [CLS] output) or mean "
+                                                          "(the caption tokens' mean, as a sentence encoder such as "
+                                                          "all-MiniLM-L6-v2 was trained).", panel=STAGE1)
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -283,6 +317,8 @@ class QFormerShape:
             raise CapfiltError("Q-Former sizes must be positive (and max_text_length at least 2)")
         if not 0.0 <= self.dropout < 1.0:
             raise CapfiltError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.text_pooling not in ("cls", "mean"):
+            raise CapfiltError(f"--text-pooling must be cls or mean, got {self.text_pooling!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

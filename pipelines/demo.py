@@ -84,7 +84,8 @@ class Figures:
     """What the summary prints; every figure is over photos judged by models that never trained on them."""
 
     web_auc: float  # ROC AUC of the web caption's filter score against the planted noise (noise scored lower)
-    web_auc_itc: float  # the same for the filter's ITC similarity: where the signal is when ITM has not learned
+    raw_auc: dict[str, float]  # the same for each raw score (ITM margin, ITC similarity), whichever was chosen
+    calibrations: list  # per fold, the capfilt.models.scorer.Calibration its filter used
     noise: object  # capfilt.bootstrap.truth.NoiseReport over all folds: precision and recall at the operating point
     retrieval: dict[str, float]  # text->image and image->text R@1 / R@5 by ITC on each fold's held-out photos
     retrieval_chance: dict[str, float]
@@ -108,14 +109,18 @@ class DemoSummary:
         return self.figures.noise
 
     def format(self) -> str:
+        from capfilt.bootstrap.calibrate import describe
+
         f = self.figures
         n = f.noise
         recalls = "  ".join(f"{k} {v:.2f} (chance {f.retrieval_chance[k]:.3f})" for k, v in f.retrieval.items())
         lines = [
             "every photo judged by models trained only on the other fold's photos and their human captions:",
-            f"web caption's filter score (ITM P(match)) vs planted noise: ROC AUC {f.web_auc:.2f}; the same "
-            f"filter's ITC similarity: ROC AUC {f.web_auc_itc:.2f}",
-            f"at the filter's operating point (ITM P(match) >= 0.5): planted noisy captions removed "
+            *(f"fold {k}'s filter, calibrated on the other folds' held-out photos: " + describe(c).replace("\n", "; ")
+              for k, c in enumerate(f.calibrations)),
+            f"web caption's filter score (calibrated P(match)) vs planted noise: ROC AUC {f.web_auc:.2f}; by raw "
+            "score: " + ", ".join(f"{kind} {auc:.2f}" for kind, auc in f.raw_auc.items()),
+            f"at the filter's operating point (calibrated P(match) >= 0.5): planted noisy captions removed "
             f"{n.noisy_removed}/{n.noisy} (recall {n.recall:.2f}), clean kept {n.clean_kept}/{n.clean}, "
             f"precision of the removals {n.precision:.2f} (base rate {n.noisy / max(1, n.noisy + n.clean):.2f})",
             f"retrieval on held-out photos (ITC): {recalls}",
@@ -135,12 +140,14 @@ class DemoSummary:
 def run_demo(config: DemoConfig) -> DemoSummary:
     import torch
 
+    from capfilt.bootstrap.calibrate import calibrate, describe
     from capfilt.bootstrap.pipeline import run
     from capfilt.bootstrap.report import write_report
     from capfilt.models.captioner import Captioner
     from capfilt.models.loading import resolve_device
     from capfilt.models.scorer import Scorer
     from capfilt.settings import (
+        CalibrateConfig,
         CaptionerConfig,
         FetchConfig,
         OptimConfig,
@@ -171,7 +178,8 @@ def run_demo(config: DemoConfig) -> DemoSummary:
     bert = config.qformer_init or str(fetch_minilm(fetch))
     lap("fetch")
 
-    logger.info(f"[2/5] {config.folds} folds: each fold's corpus shard and its human-caption shard")
+    logger.info(f"[2/5] {config.folds} folds: each fold's corpus shard, and its photos with their human captions "
+                f"(3 in {CALIBRATION_EVERY} to train the other folds' models, the rest to calibrate their filters)")
     write_folds(config.shards, folds)
 
     gpu = resolve_device(config.device).type == "cuda"
@@ -203,7 +211,16 @@ def run_demo(config: DemoConfig) -> DemoSummary:
         logger.info(f"[4/5] fold {k}: bootstrap its own photos: stage 2 captions, stage 1 filters")
         captioner = Captioner(CaptionerConfig(model=str(stage2), num_captions=config.num_captions,
                                               device=config.device, dtype=dtype))
-        scorer = Scorer(ScorerConfig(model=str(stage1), device=config.device, dtype=dtype))
+        calibration = fold / "calibration.json"
+        if not calibration.exists():
+            held_out = tuple(str(other / CALIBRATION) for other in folds if other != fold)
+            fitted = calibrate(CalibrateConfig(specs=held_out, out=str(calibration), batch_size=config.batch_size,
+                                               seed=config.seed),
+                               Scorer(ScorerConfig(model=str(stage1), device=config.device, dtype=dtype)))
+            logger.info(f"[4/5] fold {k}: filter calibrated on the other folds' held-out photos: "
+                        + describe(fitted).replace("\n", "; "))
+        scorer = Scorer(ScorerConfig(model=str(stage1), calibration=str(calibration), device=config.device,
+                                     dtype=dtype))
         run(RunConfig(specs=(str(fold / CORPUS),), out=str(fold / "cleaned"), batch_size=config.batch_size,
                       workers=config.workers, seed=config.seed), captioner, scorer)
         del captioner, scorer
@@ -219,7 +236,9 @@ def run_demo(config: DemoConfig) -> DemoSummary:
 # ----------------------------------------------------------------------------------------------- folds
 
 CORPUS = "corpus-00000.tar"  # the fold's photos as the corpus has them: judged by the fold's models
-HUMAN = "human-00000.tar"  # the same photos with their 5 human captions: the other folds' training data
+HUMAN = "human-00000.tar"  # most of the same photos with their 5 human captions: the other folds' training data
+CALIBRATION = "calibration-00000.tar"  # the rest, held out of training: the other folds' filter calibration
+CALIBRATION_EVERY = 4  # every 4th photo of a fold (in key order) calibrates instead of training
 
 
 def _samples(spec: str):
@@ -235,9 +254,10 @@ def fold_of(index: int, folds: int) -> int:
 
 
 def write_folds(shards: str, folds: list[Path]) -> None:
-    """Per fold: CORPUS, the samples byte for byte, and HUMAN, the same photos (same keys) whose captions are
-    the human ones, offered as kept `capfilt.candidates` so training draws one of the 5 per use, as it does
-    from a bootstrap output. Written to a temporary name and renamed: a present file is a complete one."""
+    """Per fold: CORPUS, the samples byte for byte; HUMAN and CALIBRATION, the same photos (same keys) split
+    3:1, whose captions are the human ones, offered as kept `capfilt.candidates` so training draws one of the 5
+    per use, as it does from a bootstrap output. Written to a temporary name and renamed: a present file is a
+    complete one."""
     import webdataset as wds
 
     from capfilt.data.files import publish, temporary
@@ -246,13 +266,16 @@ def write_folds(shards: str, folds: list[Path]) -> None:
     samples = sorted((s for s in _samples(shards) if s.error is None), key=lambda s: s.key)
     for k, fold in enumerate(folds):
         mine = [s for i, s in enumerate(samples) if fold_of(i, len(folds)) == k]
+        held = {s.key for i, s in enumerate(mine) if i % CALIBRATION_EVERY == CALIBRATION_EVERY - 1}
         fold.mkdir(parents=True, exist_ok=True)
-        for name, member in ((CORPUS, _as_is), (HUMAN, _with_human_captions)):
+        for name, member, chosen in ((CORPUS, _as_is, mine),
+                                     (HUMAN, _with_human_captions, [s for s in mine if s.key not in held]),
+                                     (CALIBRATION, _with_human_captions, [s for s in mine if s.key in held])):
             if (fold / name).exists():
                 continue
             tmp = temporary(fold / name)
             with wds.TarWriter(str(tmp), encoder=False, mtime=TAR_MTIME) as tar:
-                for sample in mine:
+                for sample in chosen:
                     tar.write(member(sample))
             publish(tmp, fold / name)
 
@@ -281,6 +304,7 @@ def figures(folds: list[Path], config: DemoConfig, examples: int = 4) -> Figures
 
     from capfilt.bootstrap.truth import NoiseReport, noise_report, roc_auc
     from capfilt.data.text import clean_caption
+    from capfilt.models.scorer import Calibration
     from capfilt.settings import EvalConfig
     from capfilt.train.evaluate import run as evaluate
 
@@ -291,9 +315,13 @@ def figures(folds: list[Path], config: DemoConfig, examples: int = 4) -> Figures
     web_scores = [r["web_score"] for r in rows]
     # Noise is what the filter should score LOW: the AUC of the negated score against the noisy label.
     web_auc = roc_auc([-s for s, n in zip(web_scores, noisy) if n], [-s for s, n in zip(web_scores, noisy) if not n])
-    itc = {key: sim for fold in folds for key, sim in itc_web_similarity(fold, config.device).items()}
-    web_auc_itc = roc_auc([-itc[r["key"]] for r, n in zip(rows, noisy) if n],
-                          [-itc[r["key"]] for r, n in zip(rows, noisy) if not n])
+    raw: dict[str, dict[str, float]] = {}
+    for fold in folds:
+        for kind, values in web_raw_scores(fold, config.device).items():
+            raw.setdefault(kind, {}).update(values)
+    raw_auc = {kind: roc_auc([-values[r["key"]] for r, n in zip(rows, noisy) if n],
+                             [-values[r["key"]] for r, n in zip(rows, noisy) if not n]) for kind, values in raw.items()}
+    calibrations = [Calibration.read(str(fold / "calibration.json")) for fold in folds]
 
     noise = NoiseReport(0, 0, 0, 0)
     for fold in folds:
@@ -304,7 +332,8 @@ def figures(folds: list[Path], config: DemoConfig, examples: int = 4) -> Figures
 
     retrieval, chance, photos = {}, {}, 0
     for fold in folds:
-        report = evaluate(EvalConfig(model=str(fold / "stage1"), specs=(str(fold / HUMAN),), workers=0,
+        report = evaluate(EvalConfig(model=str(fold / "stage1"), specs=(str(fold / HUMAN), str(fold / CALIBRATION)),
+                                     workers=0,
                                      device=config.device, seed=config.seed))
         photos += report.samples
         for direction, recalls in (("text->image", report.text_to_image), ("image->text", report.image_to_text)):
@@ -335,34 +364,26 @@ def figures(folds: list[Path], config: DemoConfig, examples: int = 4) -> Figures
                           "human": human[r["key"]][0], "synthetic": list(zip(
                               r["synthetic_captions"], r["synthetic_scores"], [c in (r["kept_captions"] or [])
                                                                                for c in r["synthetic_captions"]]))})
-    return Figures(web_auc, web_auc_itc, noise, retrieval, chance, bleu, human_bleu, kept, len(hyps), shown)
+    return Figures(web_auc, raw_auc, calibrations, noise, retrieval, chance, bleu, human_bleu, kept, len(hyps), shown)
 
 
-def itc_web_similarity(fold: Path, device: str) -> dict[str, float]:
-    """{key: ITC similarity (best query's cosine) of the photo and its web caption} under the fold's filter."""
-    import torch
+def web_raw_scores(fold: Path, device: str) -> dict[str, dict[str, float]]:
+    """{raw score: {key: its value for the photo and its web caption}} under the fold's stage-1 filter, for
+    both raw scores: how each would rank the corpus, whichever the calibration chose."""
+    from capfilt.data.reader import decode_image
+    from capfilt.models.scorer import RAW_SCORES, Scorer
+    from capfilt.settings import ScorerConfig
 
-    from capfilt.data.pairs import PairStream, load_pairs
-    from capfilt.models.loading import ImageTransform, resolve_device
-    from capfilt.models.losses import similarities
-    from capfilt.train.parts import Tokenize, load_parts
-
-    parts = load_parts(str(fold / "stage1"))
-    model = parts.model.to(resolve_device(device)).eval()
-    tokenize = Tokenize(1, parts.tokenizer, model.config.max_text_length)
-    stream = PairStream([str(fold / CORPUS)], ImageTransform(parts.image_processor), 16, resampled=False,
-                        drop_last=False)
-    sims = {}
-    with torch.no_grad():
-        for batch in load_pairs(stream, 0):
-            if not batch.captions:
-                continue
-            inputs = {k: v.to(model.device) for k, v in tokenize(batch).items()}
-            image = model.image_feats(model.encode_image(inputs["pixel_values"]))  # (B, Q, E)
-            text = model.text_feats(inputs["input_ids"], inputs["attention_mask"])  # (B, E)
-            best = similarities(image, text).diagonal()  # each photo against its own caption
-            sims.update({key.split("/", 1)[1]: v for key, v in zip(batch.keys, best.tolist())})
-    return sims
+    scorer = Scorer(ScorerConfig(model=str(fold / "stage1"), device=device))
+    samples = [s for s in _samples(str(fold / CORPUS)) if s.error is None and s.web_caption]
+    scores: dict[str, dict[str, float]] = {kind: {} for kind in RAW_SCORES}
+    for start in range(0, len(samples), 16):
+        batch = samples[start : start + 16]
+        pixels = scorer.image_transform([decode_image(s.image) for s in batch])
+        for kind in RAW_SCORES:
+            values = scorer.raw(pixels, [[s.web_caption] for s in batch], kind)
+            scores[kind].update({s.key: v[0] for s, v in zip(batch, values)})
+    return scores
 
 
 def _transpose(refs: list[list[str]]) -> list[list[str]]:
@@ -372,8 +393,9 @@ def _transpose(refs: list[list[str]]) -> list[list[str]]:
 
 
 def judged_and_trained(folds: list[Path]) -> list[tuple[set[str], set[str]]]:
-    """For each fold: the keys its models judged (its bootstrap output) and the keys they trained on (the
-    shards named in its stage-1 and stage-2 settings). Cross-fitting holds when every pair is disjoint."""
+    """For each fold: the keys its models judged (its bootstrap output) and the keys they trained or were
+    calibrated on (the shards named in its stage-1 and stage-2 settings and in its calibration). Cross-fitting
+    holds when every pair is disjoint."""
     import pyarrow.parquet as pq
 
     pairs = []
@@ -383,6 +405,8 @@ def judged_and_trained(folds: list[Path]) -> list[tuple[set[str], set[str]]]:
         for stage in ("stage1", "stage2"):
             settings = json.loads((fold / stage / "capfilt_pretrain.json").read_text())
             trained |= {s.key for spec in settings["specs"] for s in _samples(spec)}
+        calibration = json.loads((fold / "calibration.json").read_text())
+        trained |= {s.key for spec in calibration["specs"] for s in _samples(spec)}
         pairs.append((judged, trained))
     return pairs
 

@@ -11,7 +11,7 @@ import pytest
 
 from capfilt.data.reader import read_shard
 from capfilt.testing import build_tiny_qformer_parts
-from pipelines.demo import REPO, DemoConfig, judged_and_trained, run_demo
+from pipelines.demo import CALIBRATION, REPO, DemoConfig, judged_and_trained, run_demo, web_raw_scores
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def demo(tmp_path_factory):
 def test_every_fold_runs_every_stage_and_the_figures_agree_with_the_output(demo):
     config, summary, messages = demo
     loop = Path(config.out)
-    assert [m.split("]")[0] for m in messages] == ["[1/5", "[2/5"] + ["[3/5", "[3/5", "[4/5"] * 2 + ["[5/5"]
+    assert [m.split("]")[0] for m in messages] == ["[1/5", "[2/5"] + ["[3/5", "[3/5", "[4/5", "[4/5"] * 2 + ["[5/5"]
     for fold in ("fold-0", "fold-1"):
         for done in ("stage1/config.json", "stage2/config.json", "stage2/llm_tokenizer/tokenizer_config.json",
                      "cleaned/report.html"):
@@ -53,6 +53,14 @@ def test_every_fold_runs_every_stage_and_the_figures_agree_with_the_output(demo)
     assert 0.0 <= figures.bleu4 <= 100.0 and figures.human_bleu4 > figures.bleu4  # tiny random captioners
     text = summary.format()
     assert "ROC AUC" in text and "BLEU-4" in text and "precision of the removals" in text
+
+    for k, fold in enumerate(("fold-0", "fold-1")):  # the filter's score is the fold's calibrated P(match)
+        calibration = figures.calibrations[k]
+        assert calibration.pairs["images"] == 10 and calibration.specs == [str(loop / f"fold-{1 - k}" / CALIBRATION)]
+        raw = web_raw_scores(loop / fold, "cpu")[calibration.score]
+        scored = {r["key"]: r["web_score"] for p in (loop / fold / "cleaned").glob("*.parquet")
+                  for r in pq.read_table(p).to_pylist()}
+        assert scored == pytest.approx({key: calibration(v) for key, v in raw.items()}, abs=1e-6)
 
     again = run_demo(config)  # a rerun finds every stage done
     assert again.seconds["stage 1"] < summary.seconds["stage 1"] or summary.seconds["stage 1"] < 1

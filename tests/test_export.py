@@ -3,6 +3,8 @@ exactly as capfilt does, through transformers alone."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -180,6 +182,11 @@ def test_refusals(stage1, tmp_path):
     with pytest.raises(CapfiltError, match="only BLIP-2 vision towers") as info:
         export(str(tmp_path / "vit_run"), str(tmp_path / "out"))
     assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+
+    mean = dataclasses.replace(SHAPE, text_pooling="mean")
+    build_stage1(str(root / "tower"), tokenizer, mean).save_pretrained(tmp_path / "mean_run")
+    with pytest.raises(CapfiltError, match="reads \\[CLS\\]"):
+        export(str(tmp_path / "mean_run"), str(tmp_path / "out"))
 
     out = tmp_path / "busy"
     out.mkdir()

@@ -16,6 +16,7 @@ from PIL import Image
 from transformers import (
     AutoProcessor,
     Blip2ForConditionalGeneration,
+    Blip2ForImageTextRetrieval,
     BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
     InstructBlipForConditionalGeneration,
@@ -63,6 +64,25 @@ def test_blip_itm_with_the_real_tokenizer_scores_as_hf_with_enc(hub, images):
     with torch.no_grad():
         logits = model(**inputs, use_itm_head=True).itm_score
     assert ours == pytest.approx(logits.softmax(-1)[:, 1].tolist(), abs=1e-5)
+
+
+def test_itc_similarity_equals_hf_without_the_matching_head(hub, images):
+    """The raw score `capfilt calibrate` may pick: HF's cosine path (use_itm_head=False for BLIP; for BLIP-2
+    use_image_text_matching_head=False, the best query), one caption per image."""
+    texts = ["a dog on the grass", "two people sitting at a table"]
+    for name, cls, flag, field in (("blip_itm", BlipForImageTextRetrieval, "use_itm_head", "itm_score"),
+                                   ("blip2_itm", Blip2ForImageTextRetrieval, "use_image_text_matching_head",
+                                    "logits_per_image")):
+        scorer = Scorer(ScorerConfig(model=hub[name]))
+        pixels = scorer.image_transform(images)
+        ours = [group[0] for group in scorer.raw(pixels, [[t] for t in texts], "itc")]
+        model = cls.from_pretrained(hub[name]).eval()
+        model.config.image_token_index = None  # HF's processor would prepend the queries' tokens otherwise
+        tokens = scorer.tokenizer(texts, padding="longest", return_tensors="pt")
+        with torch.no_grad():
+            sims = model(pixel_values=pixels, input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                         **{flag: False})[field]
+        assert ours == pytest.approx(sims.diagonal().tolist(), abs=1e-5), name
 
 
 LLM_CAPTIONERS = ["blip2_captioner", "instructblip_t5", "instructblip_llama"]

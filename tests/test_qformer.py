@@ -92,6 +92,28 @@ def test_padding_never_contributes(model, inputs):
     assert losses.itg_loss(b, padded, mask) == pytest.approx(losses.itg_loss(b, ids, mask).item(), rel=1e-6)
 
 
+@torch.no_grad()
+def test_mean_pooled_text_is_the_mean_of_the_real_tokens_and_survives_a_save(qformer_parts, inputs, tmp_path):
+    """`text_pooling="mean"` (how a sentence encoder such as all-MiniLM-L6-v2 was trained): the feature of a
+    caption does not depend on how far its batch pads it, and a saved model keeps pooling that way."""
+    import dataclasses
+
+    _, ids, mask = inputs
+    torch.manual_seed(0)
+    mean = build_stage1(qformer_parts["vision"], qformer_tokenizer(qformer_parts["tokenizer"]),
+                        dataclasses.replace(SHAPE, text_pooling="mean")).eval()
+    hidden = mean.text_outputs(ids, mask)
+    expected = torch.stack([hidden[i, mask[i].bool()].mean(0) for i in range(len(ids))])
+    assert torch.allclose(mean.text_feats(ids, mask), F.normalize(mean.text_projection(expected), dim=-1),
+                          atol=1e-6)
+    longer = F.pad(ids, (0, 5), value=0), F.pad(mask, (0, 5), value=0)
+    assert torch.allclose(mean.text_feats(*longer), mean.text_feats(ids, mask), atol=1e-5)
+    mean.save_pretrained(tmp_path / "mean")
+    again = QFormerModel.from_pretrained(tmp_path / "mean").eval()
+    assert again.config.text_pooling == "mean"
+    assert torch.allclose(again.text_feats(ids, mask), mean.text_feats(ids, mask), atol=1e-6)
+
+
 def test_itg_mask_shape_and_rules():
     mask = torch.tensor([[1, 1, 1, 0]])
     allowed = losses.itg_mask(2, mask, torch.float32)[0, 0] == 0

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +204,8 @@ def _settings(config: RunConfig, captioner, scorer, selection: SelectionConfig) 
         settings["captioner"] = {k: v for k, v in captioner.config.__dict__.items() if k != "device"}
     if scorer is not None:
         settings["filter"] = {k: v for k, v in scorer.config.__dict__.items() if k != "device"}
+        if scorer.calibration is not None:  # what the file said, not only where it was
+            settings["filter"]["calibration"] = asdict(scorer.calibration)
         settings["selection"] = dict(selection.__dict__)
     return settings
 

@@ -86,6 +86,7 @@ class QFormerConfig(PreTrainedConfig):
     decoder_token_id: int | None = None  # [DEC], which replaces [CLS] for ITG
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True  # the ITG head's decoder is the word embedding matrix
+    text_pooling: str = "cls"  # ITC text feature: "cls" (BLIP-2) or "mean" over the caption's tokens
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -238,8 +239,15 @@ class QFormerModel(PreTrainedModel):
         return F.normalize(self.vision_projection(self.query_outputs(image_embeds)), dim=-1)
 
     def text_feats(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """ITC text feature from the `[CLS]` position, L2-normalised: (B, E)."""
-        return F.normalize(self.text_projection(self.text_outputs(input_ids, attention_mask)[:, 0]), dim=-1)
+        """ITC text feature from the `[CLS]` position (or the mean of the real tokens, `text_pooling`),
+        L2-normalised: (B, E)."""
+        hidden = self.text_outputs(input_ids, attention_mask)
+        if self.config.text_pooling == "mean":
+            mask = attention_mask[..., None].to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        else:
+            pooled = hidden[:, 0]
+        return F.normalize(self.text_projection(pooled), dim=-1)
 
     def _joint(self, image_embeds, input_ids, attention_mask) -> torch.Tensor:
         """Queries and text in one pass; `attention_mask` is (B, T) padding (bidirectional) or a 4-D additive
@@ -458,7 +466,7 @@ def build_stage1(vision: str, tokenizer, shape: QFormerShape) -> QFormerModel:
     config = QFormerConfig(vision_config=tower.config.to_dict(), qformer_config=qformer_config,
                            num_query_tokens=shape.num_query_tokens, embed_dim=shape.embed_dim,
                            max_text_length=shape.max_text_length, decoder_token_id=tokenizer.bos_token_id,
-                           initializer_range=shape.initializer_range)
+                           initializer_range=shape.initializer_range, text_pooling=shape.text_pooling)
     model = QFormerModel(config)
     norm = take_final_norm(tower)
     model.vision_model.load_state_dict(tower.state_dict())

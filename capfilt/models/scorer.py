@@ -2,11 +2,22 @@
 
 Each image goes through the vision tower once; its embedding is then shared by all of its captions, so K+1
 captions cost one ViT pass and K+1 passes of the (much smaller) text encoder or Q-Former.
+
+Two raw scores: `itm`, the matching head's logit margin (its own P(match) is the sigmoid of it), and `itc`, the
+contrastive similarity (BLIP's [CLS] features; BLIP-2's best query). With a `Calibration` (`capfilt
+calibrate`) the score is P(match) = sigmoid(slope * raw + bias) fitted on held-out human pairs instead.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
 import torch
+import torch.nn.functional as F
 from transformers import Blip2ForImageTextRetrieval, BlipForImageTextRetrieval
 
 from capfilt.errors import CapfiltError
@@ -15,9 +26,57 @@ from capfilt.models.qformer import MODEL_TYPE as CAPFILT_QFORMER
 from capfilt.models.qformer import QFormerModel
 from capfilt.settings import ScorerConfig
 
+logger = logging.getLogger(__name__)
+
 SCORER_CLASSES = {"blip": BlipForImageTextRetrieval, "blip-2": Blip2ForImageTextRetrieval,
                   CAPFILT_QFORMER: QFormerModel}
 ENC_TOKEN, DEC_TOKEN = "[ENC]", "[DEC]"
+RAW_SCORES = ("itm", "itc")
+CALIBRATION_FORMAT = "capfilt-calibration/1"
+
+
+def sigmoid(x: float) -> float:
+    """1 / (1 + e^-x) without overflow at either end."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    return math.exp(x) / (1.0 + math.exp(x))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A filter's P(match) as sigmoid(slope * raw + bias) of one raw score, fitted on held-out pairs where a
+    match and a mismatch weigh the same, so that 0.5 is where both are equally likely. Written by `capfilt
+    calibrate` (its `auc` and `pairs` say what it was measured on)."""
+
+    score: str  # one of RAW_SCORES
+    slope: float
+    bias: float
+    filter: str  # the model it was fitted for, as named then
+    specs: list[str]  # the shards it was measured on
+    auc: dict[str, float]  # held-out ROC AUC of each raw score measured
+    pairs: dict[str, int]  # images, matched and mismatched pairs
+    at_half: dict[str, float]  # held out, at P(match) >= 0.5: matched pairs kept, mismatched removed
+
+    def __call__(self, raw: float) -> float:
+        return sigmoid(self.slope * raw + self.bias)
+
+    def to_json(self) -> str:
+        return json.dumps({"format": CALIBRATION_FORMAT, **asdict(self)}, indent=2)
+
+    @classmethod
+    def read(cls, path: str) -> "Calibration":
+        try:
+            data = json.loads(Path(path).read_text())
+            if data.pop("format", None) != CALIBRATION_FORMAT:
+                raise ValueError(f"not a {CALIBRATION_FORMAT} file")
+            calibration = cls(**data)
+            if calibration.score not in RAW_SCORES or not (math.isfinite(calibration.slope)
+                                                           and math.isfinite(calibration.bias)):
+                raise ValueError(f"score {calibration.score!r}, slope {calibration.slope}, bias {calibration.bias}")
+        except (OSError, ValueError, TypeError) as exc:
+            raise CapfiltError(f"--calibration {path!r} is not a calibration written by `capfilt calibrate` "
+                               f"({exc})") from None
+        return calibration
 
 
 def enc_token_id(tokenizer, text_config, name: str = "") -> int:
@@ -40,7 +99,8 @@ def enc_token_id(tokenizer, text_config, name: str = "") -> int:
 
 
 class Scorer:
-    """`scorer(pixel_values, texts)` -> P(match) per caption, shaped like `texts`.
+    """`scorer(pixel_values, texts)` -> P(match) per caption, shaped like `texts`: the ITM head's own, or the
+    calibrated one of `config.calibration`.
 
     pixel_values: (B, 3, H, W) from `self.image_transform`; texts: B lists of captions (any lengths).
     """
@@ -57,13 +117,26 @@ class Scorer:
         if not (self.is_blip2 or self.is_capfilt):
             self.first_token = enc_token_id(self.tokenizer, self.model.config.text_config, config.model)
         self.image_transform: ImageTransform = load_image_transform(config.model, self.model.config.vision_config)
+        self.calibration = Calibration.read(config.calibration) if config.calibration else None
+        if self.calibration is not None and self.calibration.filter != config.model:
+            logger.warning(f"--calibration {config.calibration} was fitted for {self.calibration.filter!r}, not "
+                           f"{config.model!r}: it holds only if that is the same model")
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
-    @torch.inference_mode()
     def __call__(self, pixel_values: torch.Tensor, texts: list[list[str]]) -> list[list[float]]:
+        if self.calibration is None:  # the head's own P(match) = softmax of its two logits
+            return self.raw(pixel_values, texts, "itm", margin=False)
+        return [[self.calibration(v) for v in group]
+                for group in self.raw(pixel_values, texts, self.calibration.score)]
+
+    @torch.inference_mode()
+    def raw(self, pixel_values: torch.Tensor, texts: list[list[str]], kind: str, margin: bool = True
+            ) -> list[list[float]]:
+        """Raw scores of `kind` ("itm": the logit margin, or P(match) with margin=False; "itc": the cosine
+        similarity), shaped like `texts`."""
         owner = torch.tensor([i for i, group in enumerate(texts) for _ in group], device=self.device)
         flat = [t for group in texts for t in group]
         if not flat:
@@ -75,22 +148,52 @@ class Scorer:
             # Called as the captioner's generate calls it, so a tower shared with it answers from its last call.
             kwargs = {"return_dict": True} if self.is_blip2 else {}
             image_embeds = self.model.vision_model(pixel_values, **kwargs).last_hidden_state  # (B, N, D)
-        image_embeds = image_embeds.index_select(0, owner)  # (T, N, D): one row per caption, no ViT rerun
         tokens = self.tokenizer(
             flat, padding="longest", truncation=True, max_length=self.max_text_length, return_tensors="pt"
         ).to(self.device)
-        if self.is_capfilt:
-            logits = self.model.itm_logits(image_embeds, tokens.input_ids, tokens.attention_mask)
-        elif self.is_blip2:
-            logits = self._itm_logits_blip2(image_embeds, tokens)
+        if kind == "itc":
+            scores = self._itc(image_embeds, tokens, owner)
         else:
-            logits = self._itm_logits(image_embeds, tokens)
-        scores = logits.float().softmax(dim=-1)[:, 1].tolist()
+            image_embeds = image_embeds.index_select(0, owner)  # (T, N, D): one row per caption, no ViT rerun
+            if self.is_capfilt:
+                logits = self.model.itm_logits(image_embeds, tokens.input_ids, tokens.attention_mask)
+            elif self.is_blip2:
+                logits = self._itm_logits_blip2(image_embeds, tokens)
+            else:
+                logits = self._itm_logits(image_embeds, tokens)
+            logits = logits.float()
+            scores = logits[:, 1] - logits[:, 0] if margin else logits.softmax(dim=-1)[:, 1]
+        scores = scores.tolist()
         out, start = [], 0
         for group in texts:
             out.append(scores[start : start + len(group)])
             start += len(group)
         return out
+
+    def _itc(self, image_embeds: torch.Tensor, tokens, owner: torch.Tensor) -> torch.Tensor:
+        """The contrastive similarity of each caption to its image, (T,): image and text features from the
+        unimodal passes (no cross-attention), L2-normalised; the best of the image's queries for a Q-Former."""
+        if self.is_capfilt:
+            image_feats = self.model.image_feats(image_embeds)  # (B, Q, E)
+            text_feats = self.model.text_feats(tokens.input_ids, tokens.attention_mask)  # (T, E)
+        elif self.is_blip2:
+            model = self.model
+            image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
+            queries = model.qformer(query_embeds=model.query_tokens.expand(image_embeds.shape[0], -1, -1),
+                                    encoder_hidden_states=image_embeds.to(model.query_tokens.dtype),
+                                    encoder_attention_mask=image_mask).last_hidden_state
+            image_feats = F.normalize(model.vision_projection(queries.to(model.vision_projection.weight.dtype)),
+                                      dim=-1)
+            text = model.qformer(query_embeds=model.embeddings(input_ids=tokens.input_ids), query_length=0,
+                                 attention_mask=tokens.attention_mask).last_hidden_state
+            text_feats = F.normalize(model.text_projection(text[:, 0, :].to(model.text_projection.weight.dtype)),
+                                     dim=-1)
+        else:  # BLIP: [CLS] of the image and of the text encoder run without the image
+            image_feats = F.normalize(self.model.vision_proj(image_embeds[:, None, 0, :]), dim=-1)  # (B, 1, E)
+            text = self.model.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+            text_feats = F.normalize(self.model.text_proj(text.last_hidden_state[:, 0, :]), dim=-1)
+        per_caption = image_feats.index_select(0, owner)  # (T, Q, E)
+        return torch.einsum("tqe,te->tq", per_caption.float(), text_feats.float()).amax(dim=-1)
 
     def _itm_logits(self, image_embeds: torch.Tensor, tokens) -> torch.Tensor:
         """BLIP: the text encoder cross-attends to the image; its first token, `[ENC]` as in BLIP's ITM

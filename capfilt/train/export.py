@@ -82,6 +82,9 @@ def _check(run_dir: str, out: str, overwrite: bool):
     if config.text_config is not None and config.text_config.is_encoder_decoder:
         raise CapfiltError(f"{run_dir!r} has an encoder-decoder LLM ({config.text_config.model_type!r}), "
                            "which capfilt's stage 2 does not support")
+    if config.text_config is None and config.text_pooling != "cls":  # stage 2 keeps no ITC to disagree on
+        raise CapfiltError(f"{run_dir!r} pools its ITC text feature by {config.text_pooling!r}, and "
+                           "Blip2ForImageTextRetrieval reads [CLS]: its export would score other similarities")
     if os.path.realpath(out) == os.path.realpath(run_dir):
         raise CapfiltError("the export cannot replace its own run directory; give another OUT")
     if os.path.lexists(out) and not overwrite and not (os.path.isdir(out) and not os.listdir(out)):
