@@ -32,7 +32,7 @@ def demo(tmp_path_factory):
 def test_every_fold_runs_every_stage_and_the_figures_agree_with_the_output(demo):
     config, summary, messages = demo
     loop = Path(config.out)
-    assert [m.split("]")[0] for m in messages] == ["[1/5", "[2/5"] + ["[3/5", "[3/5", "[4/5", "[4/5"] * 2 + ["[5/5"]
+    assert [m.split("]")[0] for m in messages] == ["[1/5", "[2/5"] + ["[3/5", "[3/5", "[3/5", "[4/5"] * 2 + ["[5/5"]
     for fold in ("fold-0", "fold-1"):
         for done in ("stage1/config.json", "stage2/config.json", "stage2/llm_tokenizer/tokenizer_config.json",
                      "cleaned/report.html"):
