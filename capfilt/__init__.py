@@ -16,6 +16,7 @@ _FRONT_DOOR = {
     "run": "capfilt.bootstrap.pipeline",
     "run_job": "capfilt.bootstrap.launch",
     "reselect": "capfilt.bootstrap.reselect",
+    "calibrate": "capfilt.bootstrap.calibrate",
     "Captioner": "capfilt.models.captioner",
     "Scorer": "capfilt.models.scorer",
     "pretrain": "capfilt.train.pretrain",
