@@ -164,6 +164,7 @@ class CalibrateConfig:
                                                            "margin), itc (the contrastive similarity, BLIP-2's "
                                                            "ranking score) or auto (the higher ROC AUC).")
     negatives: int = setting(8, "Mismatched pairs per image: one caption of each of this many other images.")
+    clean_text: bool = shared(RunConfig, "clean_text")  # as the runs that will use it clean their captions
     batch_size: int = shared(RunConfig, "batch_size")
     seed: int = setting(0, "Seeds which other images' captions make the mismatched pairs.")
 
@@ -303,8 +304,6 @@ class QFormerShape:
     initializer_range: float = setting(0.02, "Std of the new weights' normal init.", cli=False)
     init_from: str | None = setting(None, "BERT checkpoint that seeds the Q-Former (BLIP-2: bert-base-uncased); "
                                           "sets its width and depth.", panel=STAGE1, flags=("--qformer-init",))
-    # A sentence encoder (all-MiniLM-L6-v2) was trained mean-pooled: its [CLS] output carries no sentence
-    # meaning, which ITC would then have to learn from the captions at hand.
     text_pooling: Literal["cls", "mean"] = setting("cls", "ITC text feature: cls (BLIP-2's [CLS] output) or mean "
                                                           "(the caption tokens' mean, as a sentence encoder such as "
                                                           "all-MiniLM-L6-v2 was trained).", panel=STAGE1)

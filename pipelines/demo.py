@@ -30,9 +30,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from capfilt.errors import CapfiltError
 from capfilt.settings import setting
+
+if TYPE_CHECKING:
+    from capfilt.models.scorer import Calibration
 
 REPO = Path(__file__).resolve().parents[1]
 logger = logging.getLogger(__name__)
@@ -59,9 +63,9 @@ class DemoConfig:
     # Half BLIP-2's 32: EfficientNet gives 49 image tokens, not ViT-g's 257.
     num_query_tokens: int = setting(16, "Q-Former query tokens.", cli=False)
     # What MiniLM seeded learns at a tenth of BLIP-2's 1e-4, what starts random (cross-attention, queries,
-    # ITC/ITM heads) at 1e-3: on 30 photos, fine-tuning the sentence encoder at 1e-4 loses more of its
-    # sentence meaning than the captions teach. Chosen on a calibration shard's held-out ITC AUC (0.73 at
-    # 1e-4 with [CLS], 0.76 at 1e-4 mean-pooled, 0.77 at 1e-5, 0.75 at 1e-6; README), not on the judged photos.
+    # ITC/ITM heads) at 1e-3: on 30 photos, fine-tuning the sentence encoder at 1e-4 may lose more of its
+    # sentence meaning than the captions teach. Chosen by the held-out ITC AUC of a calibration shard's human
+    # pairs (README: 0.77 against 0.73-0.76, within its noise); web captions and planted labels took no part.
     stage1_lr: float = setting(1e-5, "Stage-1 peak lr of the BERT-seeded parts.", cli=False)
     fresh_lr: float = setting(1e-3, "Stage-1 peak lr of the parts that start random.", cli=False)
     stage2_lr: float = setting(1e-4, "Stage-2 peak lr.", cli=False)
@@ -89,7 +93,7 @@ class Figures:
 
     web_auc: float  # ROC AUC of the web caption's filter score against the planted noise (noise scored lower)
     raw_auc: dict[str, float]  # the same for each raw score (ITM margin, ITC similarity), whichever was chosen
-    calibrations: list  # per fold, the capfilt.models.scorer.Calibration its filter used
+    calibrations: list[Calibration]  # per fold, the calibration its filter used
     noise: object  # capfilt.bootstrap.truth.NoiseReport over all folds: precision and recall at the operating point
     retrieval: dict[str, float]  # text->image and image->text R@1 / R@5 by ITC on each fold's held-out photos
     retrieval_chance: dict[str, float]
@@ -188,7 +192,6 @@ def run_demo(config: DemoConfig) -> DemoSummary:
 
     gpu = resolve_device(config.device).type == "cuda"
     dtype = config.dtype if config.dtype != "auto" else "bf16" if gpu and torch.cuda.is_bf16_supported() else "fp32"
-    # all-MiniLM-L6-v2 was trained as a mean-pooled sentence encoder: its [CLS] output carries no sentence meaning.
     shape = QFormerShape(num_query_tokens=config.num_query_tokens, init_from=bert, text_pooling="mean")
     for k, fold in enumerate(folds):
         train = tuple(str(other / HUMAN) for other in folds if other != fold)  # never this fold's photos
@@ -205,7 +208,7 @@ def run_demo(config: DemoConfig) -> DemoSummary:
                 save_every=config.stage1_steps, **common))
         lap("stage 1")
         calibration = fold / "calibration.json"
-        if not calibration.exists():
+        if not calibration.exists() or calibration.stat().st_mtime < (stage1 / "config.json").stat().st_mtime:
             held_out = tuple(str(other / CALIBRATION) for other in folds if other != fold)
             fitted = calibrate(CalibrateConfig(specs=held_out, out=str(calibration), batch_size=config.batch_size,
                                                seed=config.seed),
@@ -233,7 +236,7 @@ def run_demo(config: DemoConfig) -> DemoSummary:
         lap("bootstrap")
 
     logger.info("[5/5] the figures: filter vs planted noise, retrieval, BLEU-4, reports")
-    summary.figures = figures(folds, config)
+    summary.figures = figures(folds, config, dtype)
     summary.reports = [str(write_report(ReportConfig(out=str(fold / "cleaned"), seed=config.seed))) for fold in folds]
     lap("figures")
     return summary
@@ -270,6 +273,10 @@ def write_folds(shards: str, folds: list[Path]) -> None:
     from capfilt.data.schema import TAR_MTIME
 
     samples = sorted((s for s in _samples(shards) if s.error is None), key=lambda s: s.key)
+    for fold in folds:
+        if (fold / HUMAN).exists() and not (fold / CALIBRATION).exists():  # its HUMAN shard holds every photo
+            raise CapfiltError(f"{fold} was written by an earlier capfilt demo, which calibrated nothing: give "
+                               "another --out, or delete that one")
     for k, fold in enumerate(folds):
         mine = [s for i, s in enumerate(samples) if fold_of(i, len(folds)) == k]
         held = {s.key for i, s in enumerate(mine) if i % CALIBRATION_EVERY == CALIBRATION_EVERY - 1}
@@ -304,7 +311,7 @@ def _with_human_captions(sample) -> dict:
 # ----------------------------------------------------------------------------------------------- figures
 
 
-def figures(folds: list[Path], config: DemoConfig, examples: int = 4) -> Figures:
+def figures(folds: list[Path], config: DemoConfig, dtype: str = "fp32", examples: int = 4) -> Figures:
     import pyarrow.parquet as pq
     import sacrebleu
 
@@ -323,7 +330,7 @@ def figures(folds: list[Path], config: DemoConfig, examples: int = 4) -> Figures
     web_auc = roc_auc([-s for s, n in zip(web_scores, noisy) if n], [-s for s, n in zip(web_scores, noisy) if not n])
     raw: dict[str, dict[str, float]] = {}
     for fold in folds:
-        for kind, values in web_raw_scores(fold, config.device).items():
+        for kind, values in web_raw_scores(fold, config.device, dtype).items():  # as the bootstrap scored
             raw.setdefault(kind, {}).update(values)
     raw_auc = {kind: roc_auc([-values[r["key"]] for r, n in zip(rows, noisy) if n],
                              [-values[r["key"]] for r, n in zip(rows, noisy) if not n]) for kind, values in raw.items()}
@@ -338,8 +345,8 @@ def figures(folds: list[Path], config: DemoConfig, examples: int = 4) -> Figures
 
     retrieval, chance, photos = {}, {}, 0
     for fold in folds:
-        report = evaluate(EvalConfig(model=str(fold / "stage1"), specs=(str(fold / HUMAN), str(fold / CALIBRATION)),
-                                     workers=0,
+        held_out = (str(fold / HUMAN), str(fold / CALIBRATION))  # all of the fold's photos
+        report = evaluate(EvalConfig(model=str(fold / "stage1"), specs=held_out, workers=0,
                                      device=config.device, seed=config.seed))
         photos += report.samples
         for direction, recalls in (("text->image", report.text_to_image), ("image->text", report.image_to_text)):
@@ -373,14 +380,14 @@ def figures(folds: list[Path], config: DemoConfig, examples: int = 4) -> Figures
     return Figures(web_auc, raw_auc, calibrations, noise, retrieval, chance, bleu, human_bleu, kept, len(hyps), shown)
 
 
-def web_raw_scores(fold: Path, device: str) -> dict[str, dict[str, float]]:
+def web_raw_scores(fold: Path, device: str, dtype: str = "fp32") -> dict[str, dict[str, float]]:
     """{raw score: {key: its value for the photo and its web caption}} under the fold's stage-1 filter, for
     both raw scores: how each would rank the corpus, whichever the calibration chose."""
     from capfilt.data.reader import decode_image
     from capfilt.models.scorer import RAW_SCORES, Scorer
     from capfilt.settings import ScorerConfig
 
-    scorer = Scorer(ScorerConfig(model=str(fold / "stage1"), device=device))
+    scorer = Scorer(ScorerConfig(model=str(fold / "stage1"), device=device, dtype=dtype))
     samples = [s for s in _samples(str(fold / CORPUS)) if s.error is None and s.web_caption]
     scores: dict[str, dict[str, float]] = {kind: {} for kind in RAW_SCORES}
     for start in range(0, len(samples), 16):

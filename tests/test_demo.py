@@ -3,13 +3,19 @@ photo is judged by a model that trained on it, and the summary agrees with the s
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
-from capfilt.data.reader import read_shard
+from capfilt.data.reader import decode_image, read_shard
+from capfilt.errors import CapfiltError
+from capfilt.models import losses
+from capfilt.models.scorer import Scorer
+from capfilt.settings import ScorerConfig
 from capfilt.testing import build_tiny_qformer_parts
 from pipelines.demo import CALIBRATION, REPO, DemoConfig, judged_and_trained, run_demo, web_raw_scores
 
@@ -77,9 +83,48 @@ def test_no_photo_is_judged_by_a_model_that_trained_on_it(demo):
     assert set().union(*(judged for judged, _ in pairs)) == set().union(*(trained for _, trained in pairs))
 
 
+def test_calibration_photos_are_held_out_of_training(demo):
+    config, _, _ = demo
+    for fold in sorted(Path(config.out).glob("fold-*")):
+        calibrated = {s.key for spec in json.loads((fold / "calibration.json").read_text())["specs"]
+                      for s in read_shard(spec)}
+        for stage in ("stage1", "stage2"):
+            trained = {s.key for spec in json.loads((fold / stage / "capfilt_pretrain.json").read_text())["specs"]
+                       for s in read_shard(spec)}
+            assert len(calibrated) == 10 and len(trained) == 30 and not calibrated & trained
+
+
+@torch.no_grad()
+def test_the_scorers_itc_is_the_models_own_similarity(demo):
+    """Scorer.raw("itc") on a capfilt Q-Former equals the training loss's similarity (best query's cosine)."""
+    config, _, _ = demo
+    scorer = Scorer(ScorerConfig(model=str(Path(config.out) / "fold-0" / "stage1")))
+    samples = [s for s in read_shard(str(Path(config.out) / "fold-0" / "corpus-00000.tar"))][:4]
+    pixels = scorer.image_transform([decode_image(s.image) for s in samples])
+    captions = [s.web_caption for s in samples]
+    tokens = scorer.tokenizer(captions, padding="longest", return_tensors="pt")
+    model = scorer.model
+    expected = losses.similarities(model.image_feats(model.encode_image(pixels)),
+                                   model.text_feats(tokens.input_ids, tokens.attention_mask)).diagonal()
+    ours = [group[0] for group in scorer.raw(pixels, [[c] for c in captions], "itc")]
+    assert ours == pytest.approx(expected.tolist(), abs=1e-5)
+
+
 def test_roc_auc_counts_ties_half_and_equals_the_pair_count():
     from capfilt.bootstrap.truth import roc_auc
 
     assert roc_auc([3.0, 2.0], [1.0, 0.0]) == 1.0 and roc_auc([0.0], [1.0]) == 0.0
     assert roc_auc([1.0, 2.0], [2.0, 0.0]) == 0.625  # 3 of 4 pairs won, the tie counts half
     assert roc_auc([1.0], []) != roc_auc([1.0], [])  # nan
+
+
+def test_an_earlier_demos_folds_are_refused_not_mixed(tmp_path):
+    """The demo before calibration put every photo of a fold in its human shard: calibrating on 10 of them
+    would calibrate on photos the old stage 1 trained on."""
+    from pipelines.demo import HUMAN, write_folds
+
+    (tmp_path / "fold-0").mkdir()
+    (tmp_path / "fold-0" / HUMAN).write_bytes(b"")
+    with pytest.raises(CapfiltError, match="earlier capfilt demo"):
+        write_folds(str(REPO / "shards"), [tmp_path / "fold-0", tmp_path / "fold-1"])
+    assert not (tmp_path / "fold-1").exists()

@@ -18,12 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from capfilt.bootstrap.truth import roc_auc
 from capfilt.data.files import atomic_write
 from capfilt.data.reader import decode_image, expand_specs, read_shard
 from capfilt.data.schema import read_candidates
+from capfilt.data.text import clean_caption
 from capfilt.errors import CapfiltError
 from capfilt.models.scorer import RAW_SCORES, Calibration, Scorer, sigmoid
 from capfilt.settings import CalibrateConfig
@@ -45,13 +47,14 @@ def human_captions(sample) -> list[str]:
 
 
 def calibration_pairs(captions: list[list[str]], negatives: int, seed: int) -> list[Pair]:
-    """Every image with each of its own captions, and with one caption of each of `negatives` other images
-    (never a text the image itself has)."""
+    """Every image with each of its own captions, then with one caption of each of `negatives` other images
+    (never a text the image itself has); grouped by image, in image order."""
     rng = random.Random(seed)
     pairs = []
     for i, own in enumerate(captions):
         pairs += [Pair(i, c, True) for c in own]
-        others = rng.sample([j for j in range(len(captions)) if j != i], min(negatives, len(captions) - 1))
+        drawn = rng.sample(range(len(captions) - 1), min(negatives, len(captions) - 1))
+        others = [j if j < i else j + 1 for j in drawn]  # any image but i, without listing them all
         pairs += [Pair(i, c, False) for c in (rng.choice(captions[j]) for j in others) if c not in own]
     return pairs
 
@@ -79,54 +82,63 @@ def fit_logistic(scores: list[float], matches: list[bool], ridge: float = 1e-3) 
     return float(slope), float(theta[1] - slope * mean)
 
 
-def read_images(specs: tuple[str, ...]) -> tuple[list[bytes], list[list[str]]]:
-    """Image bytes and human captions of every usable sample; the rest are counted and logged, never used."""
+def read_images(specs: tuple[str, ...], clean_text: bool) -> tuple[list[Image.Image], list[list[str]]]:
+    """Decoded images and human captions of every usable sample; the rest are counted and logged, never used."""
     images, captions, skipped = [], [], 0
-    for url in expand_specs(specs):
+    for url in expand_specs(specs, outputs=False):
         for sample in read_shard(url):
-            own = human_captions(sample) if sample.error is None else []
-            if sample.image is None or not own:
+            own = human_captions(sample) if sample.error is None and sample.image is not None else []
+            own = list(dict.fromkeys(clean_caption(c) for c in own)) if clean_text else own
+            try:
+                image = decode_image(sample.image) if own else None
+            except Exception:  # noqa: BLE001  PIL raises more than OSError for a bad file (decompression bombs)
+                image = None
+            if image is None:
                 skipped += 1
                 continue
-            images.append(sample.image)
+            images.append(image)
             captions.append(own)
     if skipped:
         logger.warning(f"calibration: {skipped} samples skipped (unreadable, or without an image or a caption)")
     if len(images) < 2:
-        raise CapfiltError(f"calibration needs at least 2 captioned images, {specs} hold {len(images)}")
+        raise CapfiltError(f"calibration needs at least 2 captioned images, {', '.join(specs)} hold {len(images)}")
     return images, captions
 
 
 def calibrate(config: CalibrateConfig, scorer: Scorer) -> Calibration:
     """Score the pairs, pick the raw score, fit P(match), write `config.out`, and return the calibration."""
-    images, captions = read_images(config.specs)
+    images, captions = read_images(config.specs, config.clean_text)
     pairs = calibration_pairs(captions, config.negatives, config.seed)
+    matches = [p.match for p in pairs]  # pairs come grouped by image, in image order: the order scores come in
+    if all(matches):
+        raise CapfiltError("no mismatched pairs: every image's captions are the same texts; calibration needs "
+                           "images with different captions")
     kinds = RAW_SCORES if config.score == "auto" else (config.score,)
     raw: dict[str, list[float]] = {kind: [] for kind in kinds}
-    by_image = [[p for p in pairs if p.image == i] for i in range(len(images))]
+    by_image: list[list[str]] = [[] for _ in images]
+    for p in pairs:
+        by_image[p.image].append(p.caption)
     for start in tqdm(range(0, len(images), config.batch_size), desc="calibrate", unit="batch"):
         stop = min(start + config.batch_size, len(images))
-        try:
-            pixels = scorer.image_transform([decode_image(images[i]) for i in range(start, stop)])
-        except OSError as exc:
-            raise CapfiltError(f"calibration image {start}..{stop - 1} does not decode ({exc})") from None
-        texts = [[p.caption for p in by_image[i]] for i in range(start, stop)]
+        pixels = scorer.image_transform(images[start:stop])
         for kind in kinds:
-            raw[kind] += [v for group in scorer.raw(pixels, texts, kind) for v in group]
-    ordered = [p for group in by_image for p in group]  # the order the scores came in
-    matches = [p.match for p in ordered]
+            raw[kind] += [v for group in scorer.raw(pixels, by_image[start:stop], kind) for v in group]
     auc = {kind: roc_auc([v for v, m in zip(values, matches) if m], [v for v, m in zip(values, matches) if not m])
            for kind, values in raw.items()}
     best = max(kinds, key=lambda kind: auc[kind])
+    if not auc[best] > 0.5:  # a fit would invert the filter (or NaN): nothing here to calibrate
+        raise CapfiltError(f"the filter does not tell matched from mismatched pairs on {', '.join(config.specs)} "
+                           f"(ROC AUC {', '.join(f'{k} {v:.3f}' for k, v in auc.items())}): no calibration written")
     slope, bias = fit_logistic(raw[best], matches)
     probability = [sigmoid(slope * v + bias) for v in raw[best]]
     matched = sum(matches)
     calibration = Calibration(
-        score=best, slope=slope, bias=bias, filter=scorer.config.model, specs=list(config.specs), auc=auc,
+        score=best, slope=slope, bias=bias, filter=scorer.config.model, specs=list(config.specs),
+        clean_text=config.clean_text, auc=auc,
         pairs={"images": len(images), "matched": matched, "mismatched": len(matches) - matched},
         at_half={"matched_kept": sum(p >= 0.5 for p, m in zip(probability, matches) if m) / matched,
                  "mismatched_removed": sum(p < 0.5 for p, m in zip(probability, matches) if not m)
-                 / max(1, len(matches) - matched)})
+                 / (len(matches) - matched)})
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, (calibration.to_json() + "\n").encode())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -42,6 +43,8 @@ from capfilt.models.captioner import Captioner
 from capfilt.models.scorer import Scorer
 from capfilt.models.towers import one_tower_pass, same_vision_tower
 from capfilt.settings import RunConfig, SelectionConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -87,6 +90,10 @@ def run(
     check_apart_from_inputs(out, [Path(p) for p in map(reader.local_file, urls) if p is not None])
     names = [reader.shard_name(u) for u in urls]
     prepare_output(out, _settings(config, captioner, scorer, selection), config.overwrite, names)
+    if scorer is not None and scorer.calibration is not None and scorer.calibration.clean_text != config.clean_text:
+        logger.warning(f"the calibration was fitted {'with' if scorer.calibration.clean_text else 'without'} "
+                       f"--clean-text and this run scores captions {'with' if config.clean_text else 'without'}: "
+                       "calibrate the way the run cleans")
     todo = [u for u in urls if not stats_path(out, reader.shard_name(u)).exists()]
     summary = RunSummary(out=str(out), shards_skipped=len(urls) - len(todo))
     if not todo:
@@ -203,8 +210,10 @@ def _settings(config: RunConfig, captioner, scorer, selection: SelectionConfig) 
     if captioner is not None:
         settings["captioner"] = {k: v for k, v in captioner.config.__dict__.items() if k != "device"}
     if scorer is not None:
-        settings["filter"] = {k: v for k, v in scorer.config.__dict__.items() if k != "device"}
-        if scorer.calibration is not None:  # what the file said, not only where it was
+        # No calibration key without one, so that outputs written before --calibration existed still resume;
+        # with one, the fit itself (a rewritten file at the same path is another filter).
+        settings["filter"] = {k: v for k, v in scorer.config.__dict__.items() if k not in ("device", "calibration")}
+        if scorer.calibration is not None:
             settings["filter"]["calibration"] = asdict(scorer.calibration)
         settings["selection"] = dict(selection.__dict__)
     return settings

@@ -48,11 +48,12 @@ def _is_url(spec: str) -> bool:
     return spec.startswith("pipe:") or "://" in spec
 
 
-def expand_specs(specs: Sequence[str]) -> list[str]:
+def expand_specs(specs: Sequence[str], outputs: bool = True) -> list[str]:
     """Turn user shard specs (files, directories, globs, brace patterns, URLs, `pipe:`) into shard URLs.
 
     Order is kept (and sorted within a directory or glob) so that a rerun sees the shards in the same order.
-    Raises CapfiltError when a spec matches nothing or two shards would write the same output name.
+    Raises CapfiltError when a spec matches nothing or (`outputs`: the caller writes one output per shard) two
+    shards would write the same output name.
     """
     urls: list[str] = []
     for spec in specs:
@@ -77,7 +78,7 @@ def expand_specs(specs: Sequence[str]) -> list[str]:
     if not urls:
         raise CapfiltError("no input matched: give at least one shard, directory, glob or URL")
     seen: dict[str, str] = {}
-    for url in urls:
+    for url in urls if outputs else ():
         name = shard_name(url)
         if name in seen and seen[name] != url:
             raise CapfiltError(f"two input shards would write the same output {name!r}: {seen[name]} and {url}")

@@ -94,6 +94,8 @@ class QFormerConfig(PreTrainedConfig):
         self.qformer_config.use_qformer_text_input = True  # ITC/ITM/ITG run text through the Q-Former
         if self.num_query_tokens < 1 or self.embed_dim < 1 or self.max_text_length < 2:
             raise ValueError("num_query_tokens and embed_dim must be >= 1 and max_text_length >= 2")
+        if self.text_pooling not in ("cls", "mean"):
+            raise ValueError(f"text_pooling must be 'cls' or 'mean', got {self.text_pooling!r}")
 
 
 @dataclass

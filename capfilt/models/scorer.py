@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -53,6 +54,7 @@ class Calibration:
     bias: float
     filter: str  # the model it was fitted for, as named then
     specs: list[str]  # the shards it was measured on
+    clean_text: bool  # whether their captions were cleaned (BLIP's pre_caption), as a run's --clean-text does
     auc: dict[str, float]  # held-out ROC AUC of each raw score measured
     pairs: dict[str, int]  # images, matched and mismatched pairs
     at_half: dict[str, float]  # held out, at P(match) >= 0.5: matched pairs kept, mismatched removed
@@ -67,7 +69,7 @@ class Calibration:
     def read(cls, path: str) -> "Calibration":
         try:
             data = json.loads(Path(path).read_text())
-            if data.pop("format", None) != CALIBRATION_FORMAT:
+            if not isinstance(data, dict) or data.pop("format", None) != CALIBRATION_FORMAT:
                 raise ValueError(f"not a {CALIBRATION_FORMAT} file")
             calibration = cls(**data)
             if calibration.score not in RAW_SCORES or not (math.isfinite(calibration.slope)
@@ -98,6 +100,11 @@ def enc_token_id(tokenizer, text_config, name: str = "") -> int:
     )
 
 
+def same_model(a: str, b: str) -> bool:
+    """Whether two model names name the same model: equal Hub ids or the same local directory."""
+    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+
 class Scorer:
     """`scorer(pixel_values, texts)` -> P(match) per caption, shaped like `texts`: the ITM head's own, or the
     calibrated one of `config.calibration`.
@@ -107,6 +114,7 @@ class Scorer:
 
     def __init__(self, config: ScorerConfig):
         self.config = config
+        self.calibration = Calibration.read(config.calibration) if config.calibration else None  # before the model
         self.model = load_model(config.model, "filter", SCORER_CLASSES, config.device, config.dtype)
         self.tokenizer = load_tokenizer(config.model, "filter")
         self.is_capfilt = self.model.config.model_type == CAPFILT_QFORMER
@@ -117,8 +125,7 @@ class Scorer:
         if not (self.is_blip2 or self.is_capfilt):
             self.first_token = enc_token_id(self.tokenizer, self.model.config.text_config, config.model)
         self.image_transform: ImageTransform = load_image_transform(config.model, self.model.config.vision_config)
-        self.calibration = Calibration.read(config.calibration) if config.calibration else None
-        if self.calibration is not None and self.calibration.filter != config.model:
+        if self.calibration is not None and not same_model(self.calibration.filter, config.model):
             logger.warning(f"--calibration {config.calibration} was fitted for {self.calibration.filter!r}, not "
                            f"{config.model!r}: it holds only if that is the same model")
 
@@ -137,6 +144,8 @@ class Scorer:
             ) -> list[list[float]]:
         """Raw scores of `kind` ("itm": the logit margin, or P(match) with margin=False; "itc": the cosine
         similarity), shaped like `texts`."""
+        if kind not in RAW_SCORES:
+            raise ValueError(f"unknown raw score {kind!r}: one of {RAW_SCORES}")
         owner = torch.tensor([i for i, group in enumerate(texts) for _ in group], device=self.device)
         flat = [t for group in texts for t in group]
         if not flat:
@@ -182,16 +191,16 @@ class Scorer:
             queries = model.qformer(query_embeds=model.query_tokens.expand(image_embeds.shape[0], -1, -1),
                                     encoder_hidden_states=image_embeds.to(model.query_tokens.dtype),
                                     encoder_attention_mask=image_mask).last_hidden_state
-            image_feats = F.normalize(model.vision_projection(queries.to(model.vision_projection.weight.dtype)),
-                                      dim=-1)
+            image_feats = F.normalize(model.vision_projection(queries.to(model.vision_projection.weight.dtype))
+                                      .float(), dim=-1)
             text = model.qformer(query_embeds=model.embeddings(input_ids=tokens.input_ids), query_length=0,
                                  attention_mask=tokens.attention_mask).last_hidden_state
-            text_feats = F.normalize(model.text_projection(text[:, 0, :].to(model.text_projection.weight.dtype)),
-                                     dim=-1)
+            text_feats = F.normalize(model.text_projection(text[:, 0, :].to(model.text_projection.weight.dtype))
+                                     .float(), dim=-1)
         else:  # BLIP: [CLS] of the image and of the text encoder run without the image
-            image_feats = F.normalize(self.model.vision_proj(image_embeds[:, None, 0, :]), dim=-1)  # (B, 1, E)
+            image_feats = F.normalize(self.model.vision_proj(image_embeds[:, None, 0, :]).float(), dim=-1)  # (B, 1, E)
             text = self.model.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
-            text_feats = F.normalize(self.model.text_proj(text.last_hidden_state[:, 0, :]), dim=-1)
+            text_feats = F.normalize(self.model.text_proj(text.last_hidden_state[:, 0, :]).float(), dim=-1)
         per_caption = image_feats.index_select(0, owner)  # (T, Q, E)
         return torch.einsum("tqe,te->tq", per_caption.float(), text_feats.float()).amax(dim=-1)
 
