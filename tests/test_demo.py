@@ -14,7 +14,7 @@ import torch
 from capfilt.data.reader import decode_image, read_shard
 from capfilt.errors import CapfiltError
 from capfilt.models import losses
-from capfilt.models.scorer import Scorer
+from capfilt.models.scorer import Scorer, sigmoid
 from capfilt.settings import ScorerConfig
 from capfilt.testing import build_tiny_qformer_parts
 from pipelines.demo import CALIBRATION, REPO, DemoConfig, judged_and_trained, run_demo, web_raw_scores
@@ -60,13 +60,16 @@ def test_every_fold_runs_every_stage_and_the_figures_agree_with_the_output(demo)
     text = summary.format()
     assert "ROC AUC" in text and "BLEU-4" in text and "precision of the removals" in text
 
-    for k, fold in enumerate(("fold-0", "fold-1")):  # the filter's score is the fold's calibrated P(match)
-        calibration = figures.calibrations[k]
-        assert calibration.pairs["images"] == 10 and calibration.specs == [str(loop / f"fold-{1 - k}" / CALIBRATION)]
-        raw = web_raw_scores(loop / fold, "cpu")[calibration.score]
+    for k, fold in enumerate(("fold-0", "fold-1")):  # the filter's score: the calibrated P(match), or the head's own
+        calibration, raw = figures.calibrations[k], web_raw_scores(loop / fold, "cpu")
+        if calibration is not None:  # tiny random models may be refused, as no better than chance
+            assert calibration.pairs["images"] == 10
+            assert calibration.specs == [str(loop / f"fold-{1 - k}" / CALIBRATION)]
+        expected = ({key: calibration(v) for key, v in raw[calibration.score].items()} if calibration
+                    else {key: sigmoid(v) for key, v in raw["itm"].items()})
         scored = {r["key"]: r["web_score"] for p in (loop / fold / "cleaned").glob("*.parquet")
                   for r in pq.read_table(p).to_pylist()}
-        assert scored == pytest.approx({key: calibration(v) for key, v in raw.items()}, abs=1e-6)
+        assert scored == pytest.approx(expected, abs=1e-6)
 
     again = run_demo(config)  # a rerun finds every stage done
     assert again.seconds["stage 1"] < summary.seconds["stage 1"] or summary.seconds["stage 1"] < 1
@@ -85,9 +88,9 @@ def test_no_photo_is_judged_by_a_model_that_trained_on_it(demo):
 
 def test_calibration_photos_are_held_out_of_training(demo):
     config, _, _ = demo
-    for fold in sorted(Path(config.out).glob("fold-*")):
-        calibrated = {s.key for spec in json.loads((fold / "calibration.json").read_text())["specs"]
-                      for s in read_shard(spec)}
+    folds = sorted(Path(config.out).glob("fold-*"))
+    for fold, other in zip(folds, reversed(folds)):
+        calibrated = {s.key for s in read_shard(str(other / CALIBRATION))}
         for stage in ("stage1", "stage2"):
             trained = {s.key for spec in json.loads((fold / stage / "capfilt_pretrain.json").read_text())["specs"]
                        for s in read_shard(spec)}

@@ -97,6 +97,23 @@ def test_the_dataloader_pins_every_batch_tensor(tmp_path, monkeypatch):
                                                            pairs.inputs["input_ids"]))
 
 
+def test_shards_of_one_name_in_two_folders_are_other_images(tmp_path):
+    """img2dataset names every folder's first shard 00000.tar with the same keys: pre-training on two such
+    folders must not take them for one image (ITM's same-image rule, the frozen-feature cache)."""
+    import torch
+
+    from capfilt.data.pairs import PairStream
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        write_tar(tmp_path / folder / "00000.tar", demo_samples(2))
+    urls = reader.expand_specs([str(tmp_path / "a"), str(tmp_path / "b")], outputs=False)
+    with pytest.raises(CapfiltError, match="same output"):
+        reader.expand_specs([str(tmp_path / "a"), str(tmp_path / "b")])  # a per-shard writer must refuse them
+    batch = next(iter(PairStream(urls, lambda images: torch.zeros(len(images), 3, 4, 4), 4, resampled=False)))
+    assert len(set(batch.sample_ids.tolist())) == 4
+
+
 def test_truncated_tar_keeps_what_came_before(tmp_path):
     path = truncate(write_tar(tmp_path / "t.tar", demo_samples(10)), 0.5)
     samples = list(read_shard(str(path)))

@@ -63,8 +63,10 @@ def captions_of(sample: Sample) -> list[str]:
     return [sample.web_caption] if sample.web_caption else []
 
 
-def sample_id(shard: str, key: str) -> int:
-    return int.from_bytes(hashlib.sha1(f"{shard}/{key}".encode()).digest()[:7], "big")
+def sample_id(url: str, key: str) -> int:
+    """An image's id for ITM's same-image rule and the frozen-feature cache: by the shard's whole URL, since two
+    shards of one name (img2dataset's 00000.tar in two folders) repeat each other's keys."""
+    return int.from_bytes(hashlib.sha1(f"{url}/{key}".encode()).digest()[:7], "big")
 
 
 class PairStream(IterableDataset):
@@ -118,7 +120,7 @@ class PairStream(IterableDataset):
                 except Exception:  # PIL raises many types for bad bytes
                     yield None, CORRUPT_IMAGE
                     continue
-                yield image, clean_caption(rng.choice(captions)), sample_id(name, sample.key), f"{name}/{sample.key}"
+                yield image, clean_caption(rng.choice(captions)), sample_id(url, sample.key), f"{name}/{sample.key}"
         except Exception as exc:  # the stream broke (missing file, network): skip the shard, say so
             yield None, f"unreadable_shard: {type(exc).__name__}"
 

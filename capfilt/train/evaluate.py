@@ -139,8 +139,9 @@ def run(config: EvalConfig) -> EvalReport:
 
     parts = load_parts(config.model)
     model = parts.model.to(resolve_device(config.device))
-    stream = PairStream(expand_specs(config.specs), ImageTransform(parts.image_processor), config.batch_size,
-                        resampled=False, drop_last=False, seed=config.seed)
+    urls = expand_specs(config.specs, outputs=False)  # reads them, writes no per-shard output
+    stream = PairStream(urls, ImageTransform(parts.image_processor), config.batch_size, resampled=False,
+                        drop_last=False, seed=config.seed)
     stage1 = Tokenize(1, parts.tokenizer, model.config.max_text_length, fixed_length=True)  # re-ranking concatenates
     stage2 = None
     if model.has_language_model:

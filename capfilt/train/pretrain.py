@@ -76,7 +76,7 @@ def _accelerator(config: PretrainConfig) -> Accelerator:
 def shard_batches(config: PretrainConfig, parts: Parts, accelerator: Accelerator,
                   start_step: int) -> Iterator[dict]:
     """Endless tokenized batches for this rank; the seed includes the start step so a resumed run draws anew."""
-    urls = expand_specs(config.specs)
+    urls = expand_specs(config.specs, outputs=False)  # reads them, writes no per-shard output
     tokenize = Tokenize(config.stage, parts.tokenizer, parts.model.config.max_text_length, parts.llm_tokenizer,
                         parts.model.config.prompt)
     stream = PairStream(urls, ImageTransform(parts.image_processor), config.batch_size, resampled=True,
