@@ -62,6 +62,9 @@ def test_every_fold_runs_every_stage_and_the_figures_agree_with_the_output(demo)
 
     for k, fold in enumerate(("fold-0", "fold-1")):  # the filter's score: the calibrated P(match), or the head's own
         calibration, raw = figures.calibrations[k], web_raw_scores(loop / fold, "cpu")
+        page = (loop / fold / "cleaned" / "report.html").read_text()
+        assert (f"calibrated on its {calibration.score.upper()} score" in page) if calibration else \
+            "calibrated" not in page.split("<h2")[0]
         if calibration is not None:  # tiny random models may be refused, as no better than chance
             assert calibration.pairs["images"] == 10
             assert calibration.specs == [str(loop / f"fold-{1 - k}" / CALIBRATION)]

@@ -451,6 +451,7 @@ def build_page(out: Path, result: _Scan) -> dict[str, Any]:
         "threshold": selection.get("threshold"), "keep_top": selection.get("keep_top"),  # none: nothing filtered
         "captioner": (settings.get("captioner") or {}).get("model"),
         "filter": (settings.get("filter") or {}).get("model"), "selected_from": settings.get("selected_from"),
+        "calibrated": ((settings.get("filter") or {}).get("calibration") or {}).get("score"),
         "totals": totals, "errors": sorted(totals["errors"].items()), "error_total": sum(totals["errors"].values()),
         "rates": {"images": _rate(totals["written"], totals["read"]),
                   "web": _rate(totals["web_kept"], sweep.web),
