@@ -111,6 +111,12 @@ def similarities(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.T
     return torch.einsum("iqe,te->itq", image_feats, text_feats).amax(dim=-1)
 
 
+def paired_similarities(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+    """`similarities` of row t's image to row t's text only (a filter's caption and its image), without the
+    all-pairs matrix. image_feats: (T, Q, E), text_feats: (T, E) -> (T,)."""
+    return torch.einsum("tqe,te->tq", image_feats, text_feats).amax(dim=-1)
+
+
 def itc_loss(image_feats: torch.Tensor, text_feats: torch.Tensor,
              temp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Image-text contrastive loss with in-batch negatives from every rank.

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from transformers import Blip2ForImageTextRetrieval, BlipForImageTextRetrieval
 
 from capfilt.errors import CapfiltError
+from capfilt.models import losses
 from capfilt.models.loading import ImageTransform, load_image_transform, load_model, load_tokenizer, vision_dtype
 from capfilt.models.qformer import MODEL_TYPE as CAPFILT_QFORMER
 from capfilt.models.qformer import QFormerModel
@@ -201,8 +202,7 @@ class Scorer:
             image_feats = F.normalize(self.model.vision_proj(image_embeds[:, None, 0, :]).float(), dim=-1)  # (B, 1, E)
             text = self.model.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
             text_feats = F.normalize(self.model.text_proj(text.last_hidden_state[:, 0, :]).float(), dim=-1)
-        per_caption = image_feats.index_select(0, owner)  # (T, Q, E)
-        return torch.einsum("tqe,te->tq", per_caption.float(), text_feats.float()).amax(dim=-1)
+        return losses.paired_similarities(image_feats.index_select(0, owner).float(), text_feats.float())
 
     def _itm_logits(self, image_embeds: torch.Tensor, tokens) -> torch.Tensor:
         """BLIP: the text encoder cross-attends to the image; its first token, `[ENC]` as in BLIP's ITM
