@@ -208,7 +208,7 @@ def run_demo(config: DemoConfig) -> DemoSummary:
                                   min_lr=config.stage1_lr / 10, warmup_steps=max(1, config.stage1_steps // 10)),
                 save_every=config.stage1_steps, **common))
         lap("stage 1")
-        calibration = fold / "calibration.json"
+        calibration = fold / CALIBRATION_FILE
         if not calibration.exists() or calibration.stat().st_mtime < (stage1 / "config.json").stat().st_mtime:
             held_out = tuple(str(other / CALIBRATION) for other in folds if other != fold)
             try:
@@ -253,6 +253,7 @@ CORPUS = "corpus-00000.tar"  # the fold's photos as the corpus has them: judged 
 HUMAN = "human-00000.tar"  # most of the same photos with their 5 human captions: the other folds' training data
 CALIBRATION = "calibration-00000.tar"  # the rest, held out of training: the other folds' filter calibration
 CALIBRATION_EVERY = 4  # every 4th photo of a fold (in key order) calibrates instead of training
+CALIBRATION_FILE = "calibration.json"  # the fold's filter calibration (`capfilt calibrate`); absent: refused
 
 
 def _samples(spec: str):
@@ -339,7 +340,7 @@ def figures(folds: list[Path], config: DemoConfig, dtype: str = "fp32", examples
             raw.setdefault(kind, {}).update(values)
     raw_auc = {kind: roc_auc([-values[r["key"]] for r, n in zip(rows, noisy) if n],
                              [-values[r["key"]] for r, n in zip(rows, noisy) if not n]) for kind, values in raw.items()}
-    calibrations = [Calibration.read(str(fold / "calibration.json")) if (fold / "calibration.json").exists()
+    calibrations = [Calibration.read(str(fold / CALIBRATION_FILE)) if (fold / CALIBRATION_FILE).exists()
                     else None for fold in folds]
 
     noise = NoiseReport(0, 0, 0, 0)
@@ -424,8 +425,8 @@ def judged_and_trained(folds: list[Path]) -> list[tuple[set[str], set[str]]]:
         for stage in ("stage1", "stage2"):
             settings = json.loads((fold / stage / "capfilt_pretrain.json").read_text())
             trained |= {s.key for spec in settings["specs"] for s in _samples(spec)}
-        if (fold / "calibration.json").exists():
-            calibration = json.loads((fold / "calibration.json").read_text())
+        if (fold / CALIBRATION_FILE).exists():
+            calibration = json.loads((fold / CALIBRATION_FILE).read_text())
             trained |= {s.key for spec in calibration["specs"] for s in _samples(spec)}
         pairs.append((judged, trained))
     return pairs
