@@ -22,14 +22,13 @@ class _AboveBars(logging.StreamHandler):
 
 
 def configure(level: int = logging.INFO) -> None:
-    """Route the `capfilt` loggers (and the demo's) to stderr: called by the entry point (the CLI, a spawned
+    """Route the `capfilt` loggers to stderr: called by the entry point (the CLI, a spawned
     `--processes` child), never on import, so a program using capfilt as a library keeps its own logging."""
     me = current_rank()
     prefix = f"[rank {me.rank}/{me.world_size}] " if me.world_size > 1 else ""
     handler = _AboveBars()
     handler.setFormatter(logging.Formatter(f"{prefix}%(message)s"))
-    for name in ("capfilt", "pipelines"):
-        logger = logging.getLogger(name)
-        logger.handlers[:] = [handler]
-        logger.setLevel(level)
-        logger.propagate = False
+    logger = logging.getLogger("capfilt")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False

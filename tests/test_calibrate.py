@@ -13,12 +13,12 @@ from conftest import demo_samples, png_bytes, write_tar
 from typer.testing import CliRunner
 
 from capfilt.bootstrap.calibrate import calibrate, calibration_pairs, fit_logistic
+from capfilt.cli import app
 from capfilt.data.reader import decode_image
 from capfilt.data.schema import MANIFEST
 from capfilt.errors import CapfiltError
 from capfilt.models.scorer import Calibration, Scorer, sigmoid
 from capfilt.settings import CalibrateConfig, ScorerConfig
-from cli import app
 
 
 def test_the_fit_is_the_log_odds_whatever_the_class_counts():

@@ -11,11 +11,11 @@ from typer.testing import CliRunner
 
 from capfilt.bootstrap import pipeline
 from capfilt.bootstrap.pipeline import run
+from capfilt.cli import app
 from capfilt.models.captioner import Captioner
 from capfilt.models.scorer import Scorer
 from capfilt.settings import CaptionerConfig, RunConfig, ScorerConfig, SelectionConfig
 from capfilt.testing import blip2_filter_on_captioner_tower
-from cli import app
 
 runner = CliRunner()
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from capfilt.data.reader import decode_image, read_shard
+from capfilt.demo.loop import CALIBRATION, judged_and_trained, run_demo, web_raw_scores
 from capfilt.errors import CapfiltError
 from capfilt.models import losses
 from capfilt.models.scorer import Scorer, sigmoid
-from capfilt.settings import ScorerConfig
+from capfilt.settings import DEMO_SHARDS, DemoConfig, ScorerConfig
 from capfilt.testing import build_tiny_qformer_parts
-from pipelines.demo import CALIBRATION, REPO, DemoConfig, judged_and_trained, run_demo, web_raw_scores
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +30,9 @@ def demo(tmp_path_factory):
                         workers=0, device="cpu")
     handler = logging.Handler()
     handler.emit = lambda record: messages.append(record.getMessage())
-    logging.getLogger("pipelines.demo").addHandler(handler)
+    logging.getLogger("capfilt.demo.loop").addHandler(handler)
     yield config, run_demo(config), messages
-    logging.getLogger("pipelines.demo").removeHandler(handler)
+    logging.getLogger("capfilt.demo.loop").removeHandler(handler)
 
 
 def test_every_fold_runs_every_stage_and_the_figures_agree_with_the_output(demo):
@@ -44,7 +44,7 @@ def test_every_fold_runs_every_stage_and_the_figures_agree_with_the_output(demo)
                      "cleaned/report.html"):
             assert (loop / fold / done).is_file(), (fold, done)
 
-    truth = {s.key: s.meta["capfilt_demo"]["noisy"] for p in sorted((REPO / "shards").glob("demo-*.tar"))
+    truth = {s.key: s.meta["capfilt_demo"]["noisy"] for p in sorted(DEMO_SHARDS.glob("demo-*.tar"))
              for s in read_shard(str(p))}
     rows = [r for p in sorted(loop.glob("fold-*/cleaned/*.parquet")) for r in pq.read_table(p).to_pylist()]
     assert sorted(r["key"] for r in rows) == sorted(truth)  # every photo judged, once
@@ -127,10 +127,20 @@ def test_roc_auc_counts_ties_half_and_equals_the_pair_count():
 def test_an_earlier_demos_folds_are_refused_not_mixed(tmp_path):
     """The demo before calibration put every photo of a fold in its human shard: calibrating on 10 of them
     would calibrate on photos the old stage 1 trained on."""
-    from pipelines.demo import HUMAN, write_folds
+    from capfilt.demo.loop import HUMAN, write_folds
 
     (tmp_path / "fold-0").mkdir()
     (tmp_path / "fold-0" / HUMAN).write_bytes(b"")
     with pytest.raises(CapfiltError, match="earlier capfilt demo"):
-        write_folds(str(REPO / "shards"), [tmp_path / "fold-0", tmp_path / "fold-1"])
+        write_folds(str(DEMO_SHARDS), [tmp_path / "fold-0", tmp_path / "fold-1"])
     assert not (tmp_path / "fold-1").exists()
+
+
+def test_without_the_demo_extra_the_demo_says_what_to_install_before_any_work(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sacrebleu" else real(name, *a))
+    with pytest.raises(CapfiltError, match=r"pip install 'capfilt\[demo\]'"):
+        run_demo(DemoConfig(out=str(tmp_path / "loop")))
+    assert not (tmp_path / "loop").exists()

@@ -18,11 +18,9 @@ from conftest import demo_samples, read_json, write_tar
 from typer.testing import CliRunner
 
 from capfilt.bootstrap.claims import Claims, job_id
+from capfilt.cli import app
 from capfilt.errors import CapfiltError
 from capfilt.launcher import Rank, current_rank
-from cli import app
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -165,7 +163,7 @@ def test_a_killed_rank_leaves_a_job_that_a_restart_completes(shards, tmp_path, t
     def launch(rank: int, run_id: str, world: int = 2):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                "TORCHELASTIC_RUN_ID": run_id, "OMP_NUM_THREADS": "1"}
-        return subprocess.Popen([sys.executable, str(REPO / "cli.py"), *_args(shards, out, tiny_models)], env=env,
+        return subprocess.Popen([sys.executable, "-m", "capfilt", *_args(shards, out, tiny_models)], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     ranks = [launch(0, "first"), launch(1, "first")]
@@ -193,7 +191,7 @@ def test_torchrun_without_a_run_id_agrees_on_one_job(shards, tmp_path, tiny_mode
     env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                 "--master-port", str(_free_port())]
-    job = subprocess.run([*launcher, str(REPO / "cli.py"), *_args(shards, tmp_path / "out", tiny_models)],
+    job = subprocess.run([*launcher, "-m", "capfilt", *_args(shards, tmp_path / "out", tiny_models)],
                          env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
     assert job.returncode == 0, job.stderr[-2000:]
     done = [int(n) for n in re.findall(r"this run: (\d) shards done", job.stdout)]

@@ -143,10 +143,10 @@ def test_lite0_weights_file_is_a_pretrain_tower_and_the_run_a_filter(tmp_path):
     import pyarrow.parquet as pq
     from typer.testing import CliRunner
 
+    from capfilt.cli import app
     from capfilt.data.synth import write_synth
     from capfilt.settings import SynthConfig
     from capfilt.testing import _bert_tokenizer
-    from cli import app
 
     torch.save(to_lukemelas(random_model(EfficientNetLiteConfig()).state_dict()), tmp_path / "lite0.pth")
     _bert_tokenizer().save_pretrained(tmp_path / "tok")

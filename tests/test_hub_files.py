@@ -23,12 +23,12 @@ from transformers import (
 )
 from typer.testing import CliRunner
 
+from capfilt.cli import app
 from capfilt.data.reader import decode_image
 from capfilt.models.captioner import Captioner
 from capfilt.models.scorer import Scorer
 from capfilt.settings import CaptionerConfig, ScorerConfig
 from capfilt.testing import build_hub_models, build_instructblip
-from cli import app
 
 HUB_FILES = Path(__file__).parent / "hub_files"
 HF_CLASSES = {"blip": BlipForConditionalGeneration, "blip-2": Blip2ForConditionalGeneration,

@@ -20,7 +20,7 @@ import webdataset as wds
 from conftest import demo_samples
 from typer.testing import CliRunner
 
-from cli import app
+from capfilt.cli import app
 
 
 @pytest.fixture(scope="module")

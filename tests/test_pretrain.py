@@ -15,6 +15,7 @@ import torch
 from accelerate import Accelerator
 from typer.testing import CliRunner
 
+from capfilt.cli import app
 from capfilt.data.pairs import PairStream
 from capfilt.data.synth import write_synth
 from capfilt.models.captioner import Captioner
@@ -26,7 +27,6 @@ from capfilt.train.evaluate import evaluate
 from capfilt.train.parts import Parts, Tokenize, load_parts, save_parts
 from capfilt.train.pretrain import fit
 from capfilt.train.rundir import TRAINER_STATE, save_checkpoint
-from cli import app
 
 TESTS = Path(__file__).resolve().parent
 SHAPE = QFormerShape(hidden_size=32, num_layers=2, num_heads=2, num_query_tokens=4, embed_dim=16, dropout=0.0,

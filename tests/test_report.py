@@ -20,13 +20,13 @@ from typer.testing import CliRunner
 from capfilt.bootstrap import report
 from capfilt.bootstrap.pipeline import run
 from capfilt.bootstrap.selection import select
+from capfilt.cli import app
 from capfilt.data.reader import read_shard
 from capfilt.data.schema import Candidate
 from capfilt.data.synth import write_synth
 from capfilt.models.captioner import Captioner
 from capfilt.models.scorer import Scorer
 from capfilt.settings import CaptionerConfig, RunConfig, ScorerConfig, SelectionConfig, SynthConfig
-from cli import app
 
 SCREENSHOTS = REPO / "bench" / "out"
 

