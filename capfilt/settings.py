@@ -453,7 +453,7 @@ class DemoConfig:
     # What MiniLM seeded learns at a tenth of BLIP-2's 1e-4, what starts random (cross-attention, queries,
     # ITC/ITM heads) at 1e-3: on 30 photos, fine-tuning the sentence encoder at 1e-4 may lose more of its
     # sentence meaning than the captions teach. Chosen by the held-out ITC AUC of a calibration shard's human
-    # pairs (README: 0.77 against 0.73-0.76, within its noise); web captions and planted labels took no part.
+    # pairs (docs/demo.md: 0.77 against 0.73-0.76, within its noise); web captions and planted labels took no part.
     stage1_lr: float = setting(1e-5, "Stage-1 peak lr of the BERT-seeded parts.", cli=False)
     fresh_lr: float = setting(1e-3, "Stage-1 peak lr of the parts that start random.", cli=False)
     stage2_lr: float = setting(1e-4, "Stage-2 peak lr.", cli=False)
