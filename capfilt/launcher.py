@@ -14,13 +14,30 @@ class Rank:
 
 
 def current_rank() -> Rank:
-    """This process's place in the job, from torchrun / accelerate (RANK, WORLD_SIZE) or Slurm."""
+    """This process's place in the job, from torchrun / accelerate (RANK, WORLD_SIZE) or Slurm. Under Slurm the
+    world is the job step's tasks (SLURM_STEP_NUM_TASKS, set by `srun`), not the allocation's (SLURM_NTASKS):
+    the batch script of an `sbatch --ntasks 4` job is one process, though SLURM_NTASKS says 4."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return Rank(int(env["RANK"]), int(env["WORLD_SIZE"]))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return Rank(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]))
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        return Rank(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]))
     return Rank()
+
+
+def job_label() -> str:
+    """This process's job as people name it, for the claims `capfilt stats` shows: CAPFILT_JOB_ID, Slurm's job
+    (an array job as JOB_TASK) or torchrun's run id; "" when nothing says. Nothing depends on it being unique."""
+    env = os.environ
+    if env.get("CAPFILT_JOB_ID"):
+        return env["CAPFILT_JOB_ID"]
+    if env.get("SLURM_ARRAY_JOB_ID"):
+        return f"slurm {env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '')}"
+    if env.get("SLURM_JOB_ID"):
+        return f"slurm {env['SLURM_JOB_ID']}"
+    if env.get("TORCHELASTIC_RUN_ID", "none") != "none":  # torchrun's default id is "none"
+        return f"torchrun {env['TORCHELASTIC_RUN_ID']}"
+    return ""
 
 
 def launcher_local_rank() -> int | None:

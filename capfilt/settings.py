@@ -63,8 +63,24 @@ class RunConfig:
     retries: int = setting(2, "Retries for a shard that cannot be opened.", panel=RUN)
     progress: bool = setting(True, "Show the progress bar (--quiet: none).", panel=RUN,
                              flags=("--progress/--quiet", " /-q"))
+    claim_timeout: float = setting(
+        600.0, "Seconds after which a shard claim whose holder stopped renewing it (killed, node lost, job "
+               "cancelled) is taken over by another process on this --out. Holders renew every quarter of it, so it "
+               "must exceed the longest pause of a live process (a stalled filesystem, a suspended job), and the "
+               "clocks of all nodes must agree to well within it. A dead holder on this same machine is taken over "
+               "at once.", panel=RUN)
+    max_image_bytes: int = setting(64 * 2**20, "An image member larger than this (bytes) is not read: its sample "
+                                               "becomes an error row (image_too_large).", panel=RUN)
+    max_caption_bytes: int = setting(64 * 2**10, "A txt caption larger than this (bytes) is not read: its sample "
+                                                 "becomes an error row (caption_too_long).", panel=RUN)
+    max_json_bytes: int = setting(2**20, "A json member larger than this (bytes) is not read: its sample becomes "
+                                         "an error row (json_too_large).", panel=RUN)
 
     def __post_init__(self):
+        if self.claim_timeout <= 0:
+            raise CapfiltError("--claim-timeout must be positive (seconds)")
+        if min(self.max_image_bytes, self.max_caption_bytes, self.max_json_bytes) < 1:
+            raise CapfiltError("--max-image-bytes, --max-caption-bytes and --max-json-bytes must be at least 1")
         if self.batch_size < 1:
             raise CapfiltError("--batch-size must be at least 1")
         if self.workers < 0:

@@ -17,10 +17,8 @@ import pytest
 from conftest import demo_samples, read_json, write_tar
 from typer.testing import CliRunner
 
-from capfilt.bootstrap.claims import Claims, job_id
 from capfilt.cli import app
 from capfilt.errors import CapfiltError
-from capfilt.launcher import Rank, current_rank
 
 
 @pytest.fixture
@@ -44,29 +42,6 @@ def _outputs(out: Path) -> dict[str, bytes]:
     return files
 
 
-def test_claims_are_won_once_per_job_and_never_for_a_done_shard(tmp_path):
-    a, b = Claims(tmp_path, "job-1"), Claims(tmp_path, "job-1")
-    assert a("part-00000") and not b("part-00000")
-    assert Claims(tmp_path, "job-2")("part-00000")  # a new attempt is not blocked by the old one's claims
-    (tmp_path / "part-00001_stats.json").write_text("{}")
-    assert not a("part-00001")  # done already
-    a.release("part-00000")
-    assert b("part-00000")
-
-
-def test_a_claim_survives_a_finished_peer_removing_the_job_directory(tmp_path, monkeypatch):
-    """A peer that finishes removes the job's emptied claim directory; one about to claim must not crash on it."""
-    claims, real_open, removed = Claims(tmp_path, "job-1"), os.open, []
-
-    def open_after_peer_closed(path, *args):
-        if not removed:
-            removed.append(Claims(tmp_path, "job-1").close())  # between our mkdir and our open
-        return real_open(path, *args)
-
-    monkeypatch.setattr(os, "open", open_after_peer_closed)
-    assert claims("part-00000") and removed and (tmp_path / ".claims" / "job-1" / "part-00000").exists()
-
-
 def test_a_rank_that_meets_a_peers_fresh_manifest_joins_the_run(tmp_path, monkeypatch):
     """Ranks start together on an empty --out: one writes the manifest while another is looking at the directory.
     The late one must join the run, not call the directory foreign."""
@@ -86,22 +61,6 @@ def test_a_rank_that_meets_a_peers_fresh_manifest_joins_the_run(tmp_path, monkey
     monkeypatch.setattr(Path, "iterdir", real_iterdir)
     with pytest.raises(CapfiltError, match="other settings"):
         prepare_output(out, {"batch_size": 4}, overwrite=False, shards=["part-00000"])
-
-
-def test_job_id_comes_from_the_launcher(monkeypatch):
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CAPFILT_JOB_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID",
-                "SLURM_PROCID", "SLURM_NTASKS", "SLURM_RESTART_COUNT", "MASTER_ADDR"):
-        monkeypatch.delenv(var, raising=False)
-    assert current_rank() == Rank(0, 1) and job_id(current_rank()) != job_id(current_rank())  # a fresh attempt
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(CapfiltError, match="CAPFILT_JOB_ID"):
-        job_id(current_rank())
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    assert current_rank() == Rank(1, 2) and job_id(current_rank()) == "torchrun-abc-1"
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
-    assert job_id(current_rank()) == "torchrun-abc-1-requeue3"
 
 
 def test_each_process_takes_the_gpu_of_its_launchers_local_rank(monkeypatch):
@@ -128,18 +87,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def test_ranks_without_a_launcher_id_agree_on_each_run(tmp_path):
-    """MASTER_ADDR / MASTER_PORT only (rank 0 serves the store): every run in a process agrees on a new id."""
-    code = ("from capfilt.bootstrap.claims import job_id; from capfilt.launcher import current_rank; "
-            "me = current_rank(); print(job_id(me), job_id(me))")
-    env = {k: v for k, v in os.environ.items() if k not in ("CAPFILT_JOB_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID")}
-    env.update(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    ranks = [subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
-                              text=True) for r in range(2)]
-    (first, second), (first_1, second_1) = (rank.communicate(timeout=120)[0].split() for rank in ranks)
-    assert (first, second) == (first_1, second_1) and first != second and first.startswith("group-")
 
 
 def test_two_processes_write_exactly_what_one_writes(shards, tmp_path, tiny_models):

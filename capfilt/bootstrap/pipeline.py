@@ -8,6 +8,7 @@ writers, and keeps the per-shard books.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -21,10 +22,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from capfilt.bootstrap.claims import Claims, job_id
+from capfilt.bootstrap.claims import Claims, tidy
 from capfilt.bootstrap.selection import select, unique_candidates
 from capfilt.data import reader
-from capfilt.data.reader import Batch, Sample, ShardEnd, ShardStream
+from capfilt.data.reader import Batch, MemberLimits, Sample, ShardEnd, ShardStream
 from capfilt.data.schema import (
     ALL_BELOW_THRESHOLD,
     DROPPED,
@@ -36,7 +37,7 @@ from capfilt.data.schema import (
     stats_path,
 )
 from capfilt.data.text import clean_caption
-from capfilt.data.writer import OVERWRITE_ALONE, ShardWriter, all_done, check_apart_from_inputs, prepare_output
+from capfilt.data.writer import OVERWRITE_ALONE, ShardWriter, check_apart_from_inputs, prepare_output
 from capfilt.errors import CapfiltError
 from capfilt.launcher import current_rank
 from capfilt.models.captioner import Captioner
@@ -84,7 +85,6 @@ def run(
     urls = reader.expand_specs(config.specs)
     out = Path(config.out)
     me = current_rank()
-    job = job_id(me)  # first: agreeing on it may need every process, so none may fail or return before
     if config.overwrite and me.world_size > 1:
         raise CapfiltError(OVERWRITE_ALONE)
     check_apart_from_inputs(out, [Path(p) for p in map(reader.local_file, urls) if p is not None])
@@ -97,15 +97,20 @@ def run(
     todo = [u for u in urls if not stats_path(out, reader.shard_name(u)).exists()]
     summary = RunSummary(out=str(out), shards_skipped=len(urls) - len(todo))
     if not todo:
-        Claims(out, job).close(job_done=all_done(out))
+        tidy(out, config.claim_timeout)
         return summary
 
     transforms, captioner_key, scorer_key = shared_transforms(captioner, scorer)
     one_tower = (captioner is not None and scorer is not None and captioner_key == scorer_key
                  and same_vision_tower(captioner.model, scorer.model))
-    claims = Claims(out, job)
+    claims = Claims(out, config.claim_timeout).start()
     inputs = {reader.shard_name(u): input_location(u) for u in todo}  # recorded per shard, for `capfilt report`
-    stream = ShardStream(todo, transforms, config.batch_size, retries=config.retries, claim=claims)
+
+    def open_shard(name: str) -> _OpenShard:  # publishes only while this process still holds the shard
+        return _OpenShard(ShardWriter(out, name, guard=functools.partial(claims.holds, name)), inputs[name])
+
+    stream = ShardStream(todo, transforms, config.batch_size, retries=config.retries, claim=claims,
+                         limits=MemberLimits.of(config))
     device = (captioner or scorer).device
     started = time.perf_counter()
     open_shards: dict[str, _OpenShard] = {}
@@ -118,16 +123,22 @@ def run(
                 if item.failed:
                     if shard is not None:
                         shard.writer.abort()  # a retry starts the shard over with a fresh writer
-                    if not item.retrying:
-                        summary.shards_failed[item.shard] = item.failed  # claim kept: the job's next attempt
+                    if not item.retrying:  # claim kept to the end of this run: no worker of ours tries it again
+                        summary.shards_failed[item.shard] = item.failed
                 else:
-                    summary.add((shard or _OpenShard(ShardWriter(out, item.shard), inputs[item.shard])).commit())
-                    claims.release(item.shard)
+                    stats = (shard or open_shard(item.shard)).commit()
+                    if stats is None:
+                        logger.warning("shard %s: this process lost its claim (its heartbeat stopped for longer than "
+                                       "its --claim-timeout, so another process took the shard over): its work is "
+                                       "discarded and the new holder's stands", item.shard)
+                    else:
+                        summary.add(stats)
+                        claims.release(item.shard)
                 view.update(open_shards.values(), force=True)
                 continue
             shard = open_shards.get(item.shard)
             if shard is None:
-                shard = open_shards[item.shard] = _OpenShard(ShardWriter(out, item.shard), inputs[item.shard])
+                shard = open_shards[item.shard] = open_shard(item.shard)
             # Captioner and filter on the same frozen tower: it runs once for the batch (bytes unchanged).
             with one_tower_pass(captioner.model, scorer.model) if one_tower else contextlib.nullcontext():
                 _process(item, shard.writer, stages)
@@ -135,8 +146,8 @@ def run(
     finally:
         for shard in open_shards.values():  # interrupted: leave no half-written shard behind
             shard.writer.abort()
-            claims.release(shard.writer.shard)
-        claims.close(job_done=all_done(out))
+        claims.close()  # releases what this process still holds (its failed and interrupted shards)
+        tidy(out, config.claim_timeout)
         view.close()
     summary.duration_s = time.perf_counter() - started
     return summary
@@ -183,7 +194,7 @@ class _OpenShard:
     input: str = ""  # the input shard's URL or absolute path
     started: float = field(default_factory=time.perf_counter)
 
-    def commit(self) -> dict[str, Any]:
+    def commit(self) -> dict[str, Any] | None:
         duration = time.perf_counter() - self.started
         rate = self.writer.stats.read / duration if duration > 0 else 0.0
         return self.writer.commit({"duration_s": round(duration, 3), "samples_per_s": round(rate, 2),
@@ -216,6 +227,11 @@ def _settings(config: RunConfig, captioner, scorer, selection: SelectionConfig) 
         if scorer.calibration is not None:
             settings["filter"]["calibration"] = asdict(scorer.calibration)
         settings["selection"] = dict(selection.__dict__)
+    # Limits decide which samples become errors; recorded only when not the defaults, so that outputs written
+    # before the limits existed still resume.
+    limits = asdict(MemberLimits.of(config))
+    if limits != asdict(MemberLimits()):
+        settings["member_limits"] = limits
     return settings
 
 

@@ -57,11 +57,12 @@ def reselect(config: SelectConfig) -> RunSummary:
     todo = [u for u in urls if not stats_path(out, reader.shard_name(u)).exists()]
     summary = RunSummary(out=str(out), shards_skipped=len(urls) - len(todo))
     ids = ((settings.get("captioner") or {}).get("model"), settings["filter"]["model"])
+    limits = reader.MemberLimits(**settings.get("member_limits", {}))  # the recorded run's: the same error rows
     started = time.perf_counter()
     for url in tqdm(todo, unit="shard", desc="shards", disable=not config.progress):
         name = reader.shard_name(url)
         try:
-            stats = _select_shard(url, source, out, selection, ids, bool(settings.get("clean_text")))
+            stats = _select_shard(url, source, out, selection, ids, bool(settings.get("clean_text")), limits)
         except Exception as exc:  # the input stream broke (missing file, network): the shard is redone next time
             log.warning("shard %s failed: %s", name, exc)
             summary.shards_failed[name] = f"{type(exc).__name__}: {exc}"
@@ -83,7 +84,8 @@ def _recorded_rows(source: Path, name: str) -> tuple[dict[str, deque], dict[str,
     return rows, json.loads(stats_path(source, name).read_text())
 
 
-def _select_shard(url, source: Path, out: Path, selection: SelectionConfig, ids, clean_text: bool) -> dict:
+def _select_shard(url, source: Path, out: Path, selection: SelectionConfig, ids, clean_text: bool,
+                  limits: reader.MemberLimits) -> dict:
     name = reader.shard_name(url)
     rows, recorded_stats = _recorded_rows(source, name)
     writer = ShardWriter(out, name)
@@ -91,7 +93,7 @@ def _select_shard(url, source: Path, out: Path, selection: SelectionConfig, ids,
     if recorded_stats is not None:
         stats.synthetic_generated = recorded_stats["synthetic_generated"]  # the captioner's work, not redone here
     try:
-        for sample in reader.read_shard(url):
+        for sample in reader.read_shard(url, limits):
             if sample.key:
                 stats.read += 1
             cands = None

@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from capfilt.data.schema import MANIFEST, shard_files, stats_path
+from capfilt.bootstrap.claims import ClaimView, survey
+from capfilt.data.schema import MANIFEST, shard_of, stats_path
 from capfilt.data.writer import recorded_shards
 from capfilt.errors import CapfiltError
+from capfilt.settings import RunConfig
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -22,6 +24,7 @@ class OutputReport:
     out: str
     shards_done: int = 0
     shards_unfinished: list[str] = field(default_factory=list)
+    claims: list[ClaimView] = field(default_factory=list)  # shards in progress (and stale claims) now
     read: int = 0
     written: int = 0
     dropped: int = 0
@@ -65,8 +68,9 @@ def summarize(out: Path) -> OutputReport:
     report.web_scored, report.synthetic_scored = len(web_scores), len(synthetic_scores)
     report.web_score_quantiles = _quantiles(web_scores)
     report.synthetic_score_quantiles = _quantiles(synthetic_scores)
-    report.shards_unfinished = sorted(s for s in shards if s not in done
-                                      and any((out / name).exists() for name in shard_files(s)))
+    started = {shard_of(p.name) for p in out.iterdir()}  # any file of a shard, temporary ones included
+    report.shards_unfinished = sorted(s for s in shards if s not in done and s in started)
+    report.claims = [c for c in survey(out, RunConfig.claim_timeout) if c.shard not in done]
     return report
 
 
@@ -80,6 +84,11 @@ def _rate(n: int, d: int) -> str:
     return f"{n:,}/{d:,} ({n / d:.1%})" if d else "-"
 
 
+def _claim(c: ClaimView) -> str:
+    beat = "holder gone" if c.heartbeat_age_s is None else f"heartbeat {c.heartbeat_age_s:,.0f}s ago"
+    return f"{c.holder}, {beat}"
+
+
 def format_report(r: OutputReport) -> str:
     lines = [
         f"output           {r.out}",
@@ -91,6 +100,13 @@ def format_report(r: OutputReport) -> str:
         f"errors           {sum(r.errors.values()):,}"
         + "".join(f"\n  {k:<16} {v:,}" for k, v in sorted(r.errors.items())),
     ]
+    live = [c for c in r.claims if not c.stale]
+    if live:
+        lines.append(f"in progress      {len(live)}" + "".join(f"\n  {c.shard:<16} {_claim(c)}" for c in live))
+    stale = [c for c in r.claims if c.stale]
+    if stale:
+        lines.append(f"stale claims     {len(stale)} (their holders stopped renewing them: the next process on this "
+                     "--out takes them over)" + "".join(f"\n  {c.shard:<16} {_claim(c)}" for c in stale))
     if r.web_scored:
         lines.append(f"web kept         {_rate(r.web_kept, r.web_scored)}")
     if r.synthetic_generated:

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
+import shutil
 from pathlib import Path
+from typing import Callable
 
 TMP_SUFFIX = ".tmp"
 
@@ -41,22 +44,44 @@ def _sync_tree(path: Path) -> None:
         _sync_file(path)
 
 
-def publish(tmp: Path, path: Path) -> None:
+def publish(tmp: Path, path: Path, guard: Callable[[], bool] | None = None) -> bool:
     """Rename a finished temporary file or directory into place durably (a directory replaces none: remove an
-    old one first)."""
-    _sync_tree(tmp)
+    old one first). `guard` is asked once the data is on disk, right before the rename: when it says no (the
+    writer lost its right to the name, say its shard claim), the temporary file goes instead and False comes back."""
+    for check in (False, True):  # once before the sync, which may be slow, and again right before the rename
+        if check:
+            _sync_tree(tmp)
+        if guard is not None and not guard():
+            _remove(tmp)
+            return False
     os.replace(tmp, path)
     sync_dir(path.parent)
+    return True
+
+
+def _remove(tmp: Path) -> None:
+    if tmp.is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.unlink(missing_ok=True)
 
 
 def temporary(path: Path, unique: bool = False) -> Path:
-    """The temporary name `path` is written under; per process when `unique` (several may write it at once)."""
-    return path.with_name(path.name + (f".{os.getpid()}" if unique else "") + TMP_SUFFIX)
+    """The temporary name `path` is written under. `unique` where other processes, on this machine or another,
+    may write the same `path` at the same time (an output directory shared by several jobs): the name then
+    carries this process's id and a random tag, so nobody's temporary file is anyone else's."""
+    tag = f".{os.getpid()}-{secrets.token_hex(4)}" if unique else ""
+    return path.with_name(path.name + tag + TMP_SUFFIX)
 
 
-def atomic_write(path: Path, data: bytes, unique: bool = False) -> None:
-    """Write `data` to `path` through its temporary name and `publish` it."""
+def is_temporary_of(name: str, final: str) -> bool:
+    """Whether the file name `name` is a temporary name (`unique` or not) of the file name `final`."""
+    return name.endswith(TMP_SUFFIX) and (name == final + TMP_SUFFIX or name.startswith(final + "."))
+
+
+def atomic_write(path: Path, data: bytes, unique: bool = False, guard: Callable[[], bool] | None = None) -> bool:
+    """Write `data` to `path` through its temporary name and `publish` it (False: `guard` refused)."""
     tmp = temporary(path, unique)
     with open(tmp, "wb") as f:
         f.write(data)
-    publish(tmp, path)
+    return publish(tmp, path, guard)

@@ -28,15 +28,20 @@ from webdataset.tariterators import base_plus_ext
 from capfilt.data.schema import (
     BAD_JSON,
     CAPTION_NOT_UTF8,
+    CAPTION_TOO_LONG,
     CORRUPT_IMAGE,
     DUPLICATE_KEY,
     EMPTY_TAR,
+    IMAGE_TOO_LARGE,
+    JSON_TOO_LARGE,
     NO_IMAGE,
     TRUNCATED_TAR,
     UNREADABLE_TAR,
+    error_detail,
     read_candidates,
 )
 from capfilt.errors import CapfiltError
+from capfilt.settings import RunConfig
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -140,7 +145,7 @@ def parse_sample(raw: dict[str, Any]) -> Sample:
             if not isinstance(meta, dict):
                 raise ValueError("json member is not an object")
         except (UnicodeDecodeError, ValueError) as exc:
-            return _fail(sample, BAD_JSON, str(exc))
+            return _fail(sample, BAD_JSON, error_detail(exc))
         sample.meta = meta
 
     # A shard written by capfilt carries its candidates; its web caption is the one marked `web`, if any (the
@@ -154,7 +159,7 @@ def parse_sample(raw: dict[str, Any]) -> Sample:
         try:
             sample.web_caption, absent = raw["txt"].decode("utf-8"), "the txt member is empty"
         except UnicodeDecodeError as exc:
-            return _fail(sample, CAPTION_NOT_UTF8, str(exc))
+            return _fail(sample, CAPTION_NOT_UTF8, error_detail(exc))
     elif isinstance(sample.meta.get("caption"), str):
         sample.web_caption, absent = sample.meta["caption"], "the json caption is empty"
     else:
@@ -190,10 +195,35 @@ class _CutAwareTarInfo(tarfile.TarInfo):
             raise
 
 
-def read_shard(url: str) -> Iterator[Sample]:
+@dataclass(frozen=True)
+class MemberLimits:
+    """The largest tar member read, per kind, in bytes (defaults: RunConfig's). A larger one is skipped unread
+    (tarfile reads past it block by block), so one absurd member costs no memory, and its sample becomes an
+    error row with the kind's own reason."""
+
+    image: int = RunConfig.max_image_bytes
+    caption: int = RunConfig.max_caption_bytes
+    json: int = RunConfig.max_json_bytes
+
+    @classmethod
+    def of(cls, config: Any) -> MemberLimits:
+        """From a config with `max_image_bytes`, `max_caption_bytes` and `max_json_bytes` (a RunConfig)."""
+        return cls(config.max_image_bytes, config.max_caption_bytes, config.max_json_bytes)
+
+
+# The member kinds a sample is made of, with their limit's option and reason; members of any other extension are
+# never read (nothing uses them), only named.
+_KINDS = {**{ext: ("image", "--max-image-bytes", IMAGE_TOO_LARGE) for ext in IMAGE_EXTENSIONS},
+          "txt": ("caption", "--max-caption-bytes", CAPTION_TOO_LONG),
+          "json": ("json", "--max-json-bytes", JSON_TOO_LARGE)}
+_OVER = "__over_limit__"  # (reason, detail) of a sample's first member over its limit
+
+
+def read_shard(url: str, limits: MemberLimits = MemberLimits()) -> Iterator[Sample]:
     """Stream a shard's samples in order. A truncated, empty or unreadable tar ends with one error sample
     (key "") carrying the reason; everything read before the damage is still yielded. A key seen before in the
-    shard makes the later sample a `duplicate_key` error.
+    shard makes the later sample a `duplicate_key` error; a member over its `limits` makes its sample an error
+    of that kind (image_too_large, caption_too_long, json_too_large), the member never read.
 
     Raises when the stream itself fails (missing file, network, a `pipe:` command exiting non-zero), which
     the caller answers by retrying the whole shard.
@@ -209,6 +239,8 @@ def read_shard(url: str) -> Iterator[Sample]:
             return Sample(key=raw["__key__"], error=DUPLICATE_KEY,
                           detail="an earlier sample of this shard has the same key")
         seen.add(raw["__key__"])
+        if _OVER in raw:
+            return Sample(key=raw["__key__"], error=raw[_OVER][0], detail=raw[_OVER][1])
         return parse_sample(raw)
 
     try:
@@ -219,15 +251,25 @@ def read_shard(url: str) -> Iterator[Sample]:
                 key, ext = base_plus_ext(info.name)
                 if key is None:
                     continue
-                data = tar.extractfile(info).read()
+                ext = ext.lower()
+                data, over = None, None
+                if ext in _KINDS:
+                    kind, option, reason = _KINDS[ext]
+                    limit = getattr(limits, kind)
+                    if info.size > limit:
+                        over = (reason, f"its {ext} member is {info.size:,} bytes, over {option} ({limit:,})")
+                    else:
+                        data = tar.extractfile(info).read()
                 members += 1
                 # A repeated member name is a new sample under the same key, not a replacement of the last one.
-                if current is not None and (current["__key__"] != key or ext.lower() in current):
+                if current is not None and (current["__key__"] != key or ext in current):
                     yield finish(current)
                     current = None
                 if current is None:
                     current = {"__key__": key}
-                current[ext.lower()] = data
+                current[ext] = data
+                if over is not None:
+                    current.setdefault(_OVER, over)
             if getattr(tar, "capfilt_cut", None):
                 raise TarCutError(tar.capfilt_cut)
     except (tarfile.TarError, EOFError, zlib.error) as exc:
@@ -240,7 +282,7 @@ def read_shard(url: str) -> Iterator[Sample]:
             # The sample being read when the tar broke may have lost members: it is not trustworthy.
             yield Sample(key=current["__key__"], error=TRUNCATED_TAR, detail="sample cut by the end of the tar")
             current = None
-        yield Sample(key="", error=reason, detail=f"{type(exc).__name__}: {exc}")
+        yield Sample(key="", error=reason, detail=error_detail(exc))
     finally:
         stream.close()  # a `pipe:` command that exited non-zero raises here
     if current is not None:
@@ -287,9 +329,9 @@ def decode_image(data: bytes) -> Image.Image:
 
 class ShardStream(IterableDataset):
     """Reads shards and yields `Batch`es and `ShardEnd`s. Each DataLoader worker reads whole shards, so decoding
-    runs in parallel and a batch never mixes shards: with `claim` (shard name -> may I?), whichever shard it
-    claims next (`capfilt.bootstrap.claims.Claims`: shared with other processes too); without, shard i goes to
-    worker i mod n."""
+    runs in parallel and a batch never mixes shards: with `claim` (URLs -> the ones this worker reads, claimed one
+    at a time as it gets to them: `capfilt.bootstrap.claims.Claims`, shared with other processes and jobs too),
+    whichever shard it claims next; without, shard i goes to worker i mod n."""
 
     def __init__(
         self,
@@ -298,15 +340,16 @@ class ShardStream(IterableDataset):
         batch_size: int,
         retries: int = 2,
         retry_wait_s: float = 1.0,
-        claim: Callable[[str], bool] | None = None,
+        claim: Callable[[list[str]], Iterator[str]] | None = None,
+        limits: MemberLimits = MemberLimits(),
     ):
         self.urls, self.transforms, self.batch_size = list(urls), transforms, batch_size
-        self.retries, self.retry_wait_s, self.claim = retries, retry_wait_s, claim
+        self.retries, self.retry_wait_s, self.claim, self.limits = retries, retry_wait_s, claim, limits
 
     def __iter__(self) -> Iterator[Batch | ShardEnd]:
         info = get_worker_info()
         if self.claim is not None:
-            mine = (url for url in self.urls if self.claim(shard_name(url)))  # lazily: claim when ready for it
+            mine = self.claim(self.urls)  # lazily: a shard is claimed when this worker is ready for it
         else:
             mine = self.urls if info is None else self.urls[info.id :: info.num_workers]
         for url in mine:
@@ -316,7 +359,7 @@ class ShardStream(IterableDataset):
         name = shard_name(url)
         for attempt in range(self.retries + 1):
             try:
-                yield from self._batches(name, read_shard(url))
+                yield from self._batches(name, read_shard(url, self.limits))
             except Exception as exc:  # the stream broke: missing file, network, failing pipe command
                 retrying = attempt < self.retries
                 yield ShardEnd(name, failed=f"{type(exc).__name__}: {exc}", retrying=retrying)
@@ -337,7 +380,7 @@ class ShardStream(IterableDataset):
                     images.append(decode_image(sample.image))
                     sample.pixel_row = len(images) - 1
                 except Exception as exc:  # PIL raises many types for bad bytes
-                    sample.error, sample.detail = CORRUPT_IMAGE, f"{type(exc).__name__}: {exc}"
+                    sample.error, sample.detail = CORRUPT_IMAGE, error_detail(exc)
             pending.append(sample)
             if len(images) == self.batch_size:
                 yield self._batch(name, index, pending, images)

@@ -3,13 +3,14 @@ statuses and reason codes, and the `capfilt` json block (written into each kept 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
 
-from capfilt.data.files import TMP_SUFFIX
+from capfilt.data.files import TMP_SUFFIX, is_temporary_of
 
 # 1: manifests without "format" (before 2026-12-02; the oldest also without "shards"). 2: the manifest carries
 # this number and names every shard a run may write. A reader refuses a newer format than its own.
@@ -17,7 +18,7 @@ FORMAT_VERSION = 2
 
 MANIFEST = "capfilt_run.json"
 STATS_SUFFIX = "_stats.json"
-CLAIMS = ".claims"  # capfilt.bootstrap.claims's shard claims, one directory per job attempt
+CLAIMS = ".claims"  # capfilt.bootstrap.claims's shard claims and their holders, shared by every job on the output
 # Fixed member mtime: a shard's bytes then depend only on its contents, so a resumed run equals a fresh one.
 TAR_MTIME = 0.0
 
@@ -33,6 +34,10 @@ EMPTY_TAR = "empty_tar"
 TRUNCATED_TAR = "truncated_tar"
 UNREADABLE_TAR = "unreadable_tar"
 DUPLICATE_KEY = "duplicate_key"
+# A member over its size limit (--max-image-bytes, --max-caption-bytes, --max-json-bytes): skipped unread.
+IMAGE_TOO_LARGE = "image_too_large"
+CAPTION_TOO_LONG = "caption_too_long"
+JSON_TOO_LARGE = "json_too_large"
 # `capfilt select`: the run it selects from holds no usable scores for this sample (detail says why).
 NO_RECORDED_SCORES = "no_recorded_scores"
 # A dropped row: no caption of the image passed the filter.
@@ -53,14 +58,47 @@ ROW_SCHEMA = pa.schema(
 )
 
 
+MAX_DETAIL = 1000  # characters of an exception kept in `detail`: a message may quote the input at length
+
+# What differs between two runs over the same input and so never enters an output: the address in an object's
+# repr (`<_io.BytesIO object at 0x7f1fe47b4f90>`) and paths of temporary files (per process, per run).
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+# A temporary path: one of capfilt's `.tmp` names, or one Python's tempfile drew (`/tmp/tmpk3j_x8ab/...`).
+_TEMP_PATH = re.compile(r"[^\s'\"]*(?:\.tmp\b|/tmp[a-z0-9_]{8}(?=/|\b))[^\s'\":,;]*")
+
+
+def error_detail(exc: BaseException) -> str:
+    """An exception as a row's `detail`: its type and message on one line, without anything that would differ
+    between two runs over the same bytes (object addresses, temporary paths), so outputs stay byte-identical."""
+    message = _TEMP_PATH.sub("<temporary file>", _ADDRESS.sub("", " ".join(str(exc).split())))
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 3] + "..."
+
+
 def stats_path(out: Path, shard: str) -> Path:
     return out / f"{shard}{STATS_SUFFIX}"
 
 
 def shard_files(shard: str) -> list[str]:
-    """The names capfilt writes for a shard, temporary ones included."""
+    """The names capfilt writes for a shard: its three files, then their temporary names of before temporary
+    names were per process (`is_shard_temporary` knows both kinds)."""
     names = [f"{shard}.tar", f"{shard}.parquet", f"{shard}{STATS_SUFFIX}"]
     return names + [name + TMP_SUFFIX for name in names]
+
+
+def is_shard_temporary(name: str, shard: str) -> bool:
+    """Whether file name `name` is a temporary file of one of `shard`'s files, any process's."""
+    return any(is_temporary_of(name, final) for final in shard_files(shard)[:3])
+
+
+_SHARD_FILE = re.compile(r"^(?P<shard>.+?)(?:\.tar|\.parquet|%s)(?:\.[0-9]+-[0-9a-f]+)?(?:%s)?$"
+                         % (re.escape(STATS_SUFFIX), re.escape(TMP_SUFFIX)))
+
+
+def shard_of(name: str) -> str | None:
+    """The shard whose file (or temporary file) `name` is; None for any other name."""
+    match = _SHARD_FILE.match(name)
+    return match["shard"] if match else None
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """Shard writer and output-directory bookkeeping: atomic output shards, per-sample parquet, stats written last.
 
 For an input shard NAME, the output directory gets NAME.tar (kept samples; none when nothing is kept),
-NAME.parquet (one row per input sample) and NAME_stats.json. Each is written under a `.tmp` name, made durable
-and renamed; the stats file comes last, so its presence means the shard is complete (img2dataset's resume rule)
-and anything else is redone. The manifest names every shard a run may write: the only files `--overwrite` deletes.
+NAME.parquet (one row per input sample) and NAME_stats.json. Each is written under a temporary name of this
+process's own (several jobs may share the directory), made durable and renamed; the stats file comes last, so
+its presence means the shard is complete (img2dataset's resume rule) and anything else is redone. The manifest
+names every shard a run may write: the only files `--overwrite` deletes.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from capfilt.data.files import TMP_SUFFIX, atomic_write, publish
+from capfilt.data.files import TMP_SUFFIX, atomic_write, publish, temporary
 from capfilt.data.schema import (
     CLAIMS,
     FORMAT_VERSION,
@@ -27,6 +28,7 @@ from capfilt.data.schema import (
     STATS_SUFFIX,
     TAR_MTIME,
     shard_files,
+    shard_of,
     stats_path,
 )
 from capfilt.errors import CapfiltError
@@ -95,10 +97,11 @@ def prepare_output(out: Path, settings: dict[str, Any], overwrite: bool, shards:
 
 
 def _delete_run(out: Path, shards: list[str]) -> None:
-    names = {MANIFEST} | {name for shard in shards for name in shard_files(shard)}
+    names, ours = {MANIFEST} | {name for shard in shards for name in shard_files(shard)}, set(shards)
     for path in out.iterdir():
-        manifest_tmp = path.name.startswith(MANIFEST + ".") and path.name.endswith(TMP_SUFFIX)
-        if path.is_file() and (path.name in names or manifest_tmp):
+        temporary_file = path.name.endswith(TMP_SUFFIX) and (path.name.startswith(MANIFEST + ".")
+                                                             or shard_of(path.name) in ours)
+        if path.is_file() and (path.name in names or temporary_file):
             path.unlink()
     shutil.rmtree(out / CLAIMS, ignore_errors=True)
 
@@ -126,12 +129,15 @@ class ShardStats:
 
 
 class ShardWriter:
-    """Writes one output shard. `write_sample` and `add_row` as samples come; `commit` or `abort` once."""
+    """Writes one output shard. `write_sample` and `add_row` as samples come; `commit` or `abort` once.
+    `guard`, when given, is asked right before each file is published (and before a stale tar is removed): a
+    writer that no longer holds its shard (`capfilt.bootstrap.claims`) publishes nothing more."""
 
-    def __init__(self, out: Path, shard: str):
-        self.out, self.shard = out, shard
+    def __init__(self, out: Path, shard: str, guard: Callable[[], bool] | None = None):
+        self.out, self.shard, self.guard = out, shard, guard
         self.tar_path = out / f"{shard}.tar"
-        self._tar_tmp = out / f"{shard}.tar{TMP_SUFFIX}"
+        self._tar_tmp = temporary(self.tar_path, unique=True)
+        self._parquet_tmp: Path | None = None
         self._tar: wds.TarWriter | None = None  # opened by the first kept sample: a shard keeping none has no tar
         self._rows: list[dict[str, Any]] = []
         self.stats = ShardStats()
@@ -152,23 +158,37 @@ class ShardWriter:
     def add_row(self, **row: Any) -> None:
         self._rows.append({name: row.get(name) for name in ROW_SCHEMA.names})
 
-    def commit(self, extra_stats: dict[str, Any]) -> dict[str, Any]:
-        if self._tar is not None:
-            self._tar.close()
-            publish(self._tar_tmp, self.tar_path)
-        else:
-            # No empty tar (readers such as `datasets` fail on one), and none left by an earlier attempt.
-            for stale in (self._tar_tmp, self.tar_path):
-                stale.unlink(missing_ok=True)
-        table = pa.Table.from_pylist(self._rows, schema=ROW_SCHEMA)
-        parquet_tmp = self.out / f"{self.shard}.parquet{TMP_SUFFIX}"
-        pq.write_table(table, parquet_tmp)
-        publish(parquet_tmp, self.out / f"{self.shard}.parquet")  # its directory sync covers the unlinks too
+    def commit(self, extra_stats: dict[str, Any]) -> dict[str, Any] | None:
+        """Publish the shard, stats file last; its stats. None when `guard` refused: this writer lost its shard
+        to another process (which writes the same bytes), and its temporary files are gone."""
+        tar, self._tar = self._tar, None
+        if tar is not None:
+            tar.close()
+        self._parquet_tmp = temporary(self.out / f"{self.shard}.parquet", unique=True)
+        pq.write_table(pa.Table.from_pylist(self._rows, schema=ROW_SCHEMA), self._parquet_tmp)
         stats = {"shard": self.shard, **self.stats.__dict__, **extra_stats}
-        atomic_write(stats_path(self.out, self.shard), json.dumps(stats, indent=2).encode())
+        try:
+            if tar is not None:
+                published = publish(self._tar_tmp, self.tar_path, self.guard)
+            elif published := self.guard is None or self.guard():
+                # No empty tar (readers such as `datasets` fail on one), and none left by an earlier attempt.
+                self.tar_path.unlink(missing_ok=True)
+            published = published and publish(self._parquet_tmp, self.out / f"{self.shard}.parquet", self.guard)
+            # The parquet's directory sync covered the unlink too; the stats file vouches for both.
+            published = published and atomic_write(stats_path(self.out, self.shard),
+                                                   json.dumps(stats, indent=2).encode(), unique=True, guard=self.guard)
+        except FileNotFoundError:  # a new holder cleared our temporary files: we lost the shard meanwhile
+            if self.guard is None or self.guard():
+                raise
+            published = False
+        if not published:
+            self.abort()
+            return None
         return stats
 
     def abort(self) -> None:
         if self._tar is not None:
             self._tar.close()
         self._tar_tmp.unlink(missing_ok=True)
+        if self._parquet_tmp is not None:
+            self._parquet_tmp.unlink(missing_ok=True)

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers import logging as hf_logging
@@ -95,6 +96,11 @@ def load_config(name: str, role: str) -> PretrainedConfig:
         raise CapfiltError(f"{role} {name!r}: no such model directory")
     try:
         return AutoConfig.from_pretrained(name)
+    except StrictDataclassError as exc:  # a field transformers' config validators refuse (layer_types, ...)
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        local = os.path.isdir(os.path.expanduser(name))
+        where = os.path.join(os.path.expanduser(name), "config.json") if local else f"the config.json of {name}"
+        raise CapfiltError(f"{role} {name!r}: transformers refuses {where}: {lines[-1] if lines else exc}") from None
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CapfiltError(f"{role} {name!r} cannot be loaded: {first_line}") from None
