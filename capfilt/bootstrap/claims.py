@@ -17,7 +17,8 @@ discards its work and moves on, never touching its successor's files.
 
 A shard is done when its stats file exists (written last). A process reads the shards nobody holds, then waits
 for those that others hold until they are done or their claims go stale, so that a job ends only when every
-shard is done or has failed in it. A restarted job therefore redoes exactly the shards without a stats file: at
+shard is done or has failed in it (each process tries a shard once per run; a failed one is released at once,
+so that nobody waits for it). A restarted job therefore redoes exactly the shards without a stats file: at
 once where their holders died on this machine, after their lease where they died elsewhere.
 """
 
@@ -286,8 +287,8 @@ class Claims:
             (self.root / SHARDS / name).unlink(missing_ok=True)
 
     def close(self) -> None:
-        """The end of this process's run: its claims (shards that failed here) and holder file go, so a later run
-        or another process may try those shards at once."""
+        """The end of this process's run: its remaining claims (shards it was interrupted in) and its holder file
+        go, so another process or a later run may do those shards at once."""
         if self._stop is not None:
             self._stop.set()
             self._beat.join()

@@ -123,8 +123,11 @@ def run(
                 if item.failed:
                     if shard is not None:
                         shard.writer.abort()  # a retry starts the shard over with a fresh writer
-                    if not item.retrying:  # claim kept to the end of this run: no worker of ours tries it again
+                    if not item.retrying:
                         summary.shards_failed[item.shard] = item.failed
+                        # Released at once: processes waiting for it try it once each (a fault of this node's
+                        # may not be theirs), and none waits forever for a shard nobody is doing.
+                        claims.release(item.shard)
                 else:
                     stats = (shard or open_shard(item.shard)).commit()
                     if stats is None:
@@ -146,7 +149,7 @@ def run(
     finally:
         for shard in open_shards.values():  # interrupted: leave no half-written shard behind
             shard.writer.abort()
-        claims.close()  # releases what this process still holds (its failed and interrupted shards)
+        claims.close()  # releases what this process still holds (its interrupted shards)
         tidy(out, config.claim_timeout)
         view.close()
     summary.duration_s = time.perf_counter() - started
