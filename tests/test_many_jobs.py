@@ -168,6 +168,23 @@ def test_a_holder_stopped_past_its_lease_changes_nothing_when_it_wakes(shards, r
     _clean(out)
 
 
+def test_jobs_whose_shards_fail_end_instead_of_waiting_for_each_other(shards, tmp_path, tiny_models):
+    """A shard that fails in one job is released at once: another job may try it, and nobody waits forever for
+    a shard that is failing elsewhere (each job holding one failed shard and waiting for the other's would)."""
+    out = tmp_path / "out"
+    failing = [f"pipe:cat {tmp_path / f'gone-{i}.tar'}" for i in range(2)]
+    good = [str(p) for p in sorted(shards.glob("*.tar"))[:2]]
+    args = ["bootstrap", *failing, *good, "--out", str(out), "--captioner", tiny_models["blip_captioner"],
+            "--filter", tiny_models["blip_itm"], "--batch-size", "4", "--workers", "0", "--retries", "0", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "capfilt", *args], env={**env, "CAPFILT_JOB_ID": job_id},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for job_id in ("A", "B")]
+    results = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], [r[1][-2000:] for r in results]
+    assert all((out / f"{Path(g).stem}_stats.json").exists() for g in good)
+    assert not (out / "gone-0_stats.json").exists() and not (out / ".claims" / "shards").exists()
+
+
 # ----------------------------------------------------------------------------------------------- claims
 
 
