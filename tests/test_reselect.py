@@ -1,11 +1,15 @@
 """`capfilt select`: the recorded scores re-selected without models equal a full run at the new settings."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import demo_samples, mixed_shards, read_json, tar_members, write_tar
+from conftest import REPO, demo_samples, mixed_shards, read_json, tar_members, write_tar
 from typer.testing import CliRunner
 
 from capfilt.cli import app
@@ -123,3 +127,23 @@ def test_select_help_explains_it():
     assert result.exit_code == 0
     for words in ("--from", "no model", "no_recorded_scores", "--threshold"):
         assert words in result.output
+
+
+def _modules_after(code: str) -> set[str]:
+    """The modules a fresh interpreter holds after running `code` (this checkout first on its path)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", f"{code}\nimport json, sys; print(json.dumps(sorted(sys.modules)))"],
+                          env=env, capture_output=True, text=True, check=True, timeout=120)
+    return set(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_select_loads_no_model_code():
+    """`capfilt select` starts without the models and transformers: its module, and the CLI asked for its help."""
+    model_code = ("transformers", "capfilt.models", "capfilt.bootstrap.pipeline")
+    imported = _modules_after("import capfilt.bootstrap.reselect")
+    assert "capfilt.bootstrap.outcome" in imported
+    assert not [m for m in imported if m.startswith(model_code)]
+    helped = _modules_after("from typer.testing import CliRunner\nfrom capfilt.cli import app\n"
+                            "assert CliRunner().invoke(app, ['select', '--help']).exit_code == 0")
+    assert "capfilt.cli" in helped
+    assert not [m for m in helped if m.startswith(model_code)]
