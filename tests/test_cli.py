@@ -6,7 +6,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from conftest import demo_samples, mixed_shards, read_json, tar_members, write_tar
+from helpers import demo_samples, mixed_shards, read_json, tar_members, write_tar
 from typer.testing import CliRunner
 
 from capfilt.bootstrap import pipeline

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, bad_samples, read_json, strip_none, write_tar
+from helpers import REPO, bad_samples, read_json, strip_none, write_tar
 from PIL import Image
 from typer.testing import CliRunner
 

@@ -9,18 +9,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, demo_samples, mixed_shards, read_json, tar_members, write_tar
-from typer.testing import CliRunner
+from helpers import REPO, cli, counts, demo_samples, mixed_shards, outputs, read_json, tar_members, write_tar
 
-from capfilt.cli import app
 from capfilt.data.schema import MANIFEST, ROW_SCHEMA
-
-runner = CliRunner()
-TIMINGS = ("duration_s", "samples_per_s")
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture
@@ -32,14 +23,6 @@ def bootstrap(shards, out, models, *extra):
     result = cli("bootstrap", shards, "--out", out, "--captioner", models["blip_captioner"], "--filter",
                  models["blip_itm"], "--num-captions", 2, "--batch-size", 4, "--workers", 0, "--quiet", *extra)
     assert result.exit_code == 0, result.output
-
-
-def outputs(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.suffix in (".tar", ".parquet")}
-
-
-def counts(out: Path) -> dict[str, dict]:
-    return {p.name: {k: v for k, v in read_json(p).items() if k not in TIMINGS} for p in out.glob("*_stats.json")}
 
 
 def statuses(out: Path) -> dict[str, str]:
