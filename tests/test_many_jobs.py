@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import bad_samples, demo_samples, read_json, strip_none, write_tar
+from helpers import bad_samples, demo_samples, read_json, strip_none, write_tar
 from typer.testing import CliRunner
 
 from capfilt.bootstrap.claims import BUSY, CLAIMED, DONE, MINE, Claims, tidy

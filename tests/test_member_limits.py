@@ -10,7 +10,7 @@ import tarfile
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import demo_samples, png_bytes, write_tar
+from helpers import demo_samples, png_bytes, write_tar
 
 from capfilt.data.reader import MemberLimits, read_shard
 from capfilt.errors import CapfiltError
