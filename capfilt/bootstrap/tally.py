@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow.parquet as pq
 
-from capfilt.data.schema import DROPPED, ERROR, MANIFEST, OK, shard_files, stats_path
+from capfilt.data.schema import DROPPED, ERROR, MANIFEST, OK, shard_of, stats_path
 from capfilt.data.writer import recorded_shards
 from capfilt.errors import CapfiltError
 
@@ -224,8 +224,8 @@ def scan(out: Path, samples: int, seed: int) -> Scan:
         for batch in pq.ParquetFile(out / f"{name}.parquet").iter_batches(batch_size=BATCH_ROWS, columns=COLUMNS):
             for row in batch.to_pylist():
                 _add_row(result, hist, edges, name, row, truth.get(row["key"]))
-    result.unfinished = sorted(s for s in shards if s not in done
-                               and any((out / name).exists() for name in shard_files(s)))
+    started = {shard_of(p.name) for p in out.iterdir()}  # any file of a shard, per-process temporary ones too
+    result.unfinished = sorted(s for s in shards if s not in done and s in started)
     result.totals, result.hist = totals, hist
     result.totals["shards"] = len(done)
     return result
