@@ -59,7 +59,7 @@ import torch
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor
 
 from capfilt.bootstrap.launch import run_job
-from capfilt.bootstrap.pipeline import batch_seed, run, shared_transforms
+from capfilt.bootstrap.pipeline import batch_seed, run, shared_preprocessors
 from capfilt.data.reader import Batch, ShardStream, decode_image, expand_specs, read_shard
 from capfilt.models.captioner import Captioner
 from capfilt.models.scorer import Scorer, enc_token_id
@@ -101,8 +101,8 @@ def compute_only(batches: list[Batch], captioner: Captioner, scorer: Scorer, key
     for batch in batches:
         good = [s for s in batch.samples if s.error is None]
         with one_tower_pass(captioner.model, scorer.model) if one_tower else contextlib.nullcontext():
-            captions = captioner(batch.pixels[keys[0]], seed=batch_seed(0, batch.shard, batch.index))
-            scorer(batch.pixels[keys[1]], [[s.web_caption, *c] for s, c in zip(good, captions)])
+            captions = captioner(batch.inputs[keys[0]], seed=batch_seed(0, batch.shard, batch.index))
+            scorer(batch.inputs[keys[1]], [[s.web_caption, *c] for s, c in zip(good, captions)])
     return time.perf_counter() - start
 
 
@@ -215,8 +215,8 @@ def shared_tower(row: dict, corpus: Path, root: Path, args) -> None:
                                           device=args.device, dtype=args.dtype))
     scorer = Scorer(ScorerConfig(model=same, device=args.device, dtype=args.dtype))
     assert same_vision_tower(captioner.model, scorer.model)
-    transforms, *keys = shared_transforms(captioner, scorer)
-    batches = [b for b in ShardStream(expand_specs([str(corpus)]), transforms, row["batch"]) if isinstance(b, Batch)]
+    preprocessors, *keys = shared_preprocessors(captioner, scorer)
+    batches = [b for b in ShardStream(expand_specs([str(corpus)]), preprocessors, row["batch"]) if isinstance(b, Batch)]
     images, speeds = sum(len(b.samples) for b in batches), {}
     for shared in (False, True):  # one_tower_pass restores the pair after each batch: the same models serve both
         compute_only(batches[:1], captioner, scorer, keys, shared)  # warm-up
@@ -228,8 +228,8 @@ def shared_tower(row: dict, corpus: Path, root: Path, args) -> None:
 
 def ratio_and_naive(row: dict, corpus: Path, root: Path, models: dict, captioner: Captioner, scorer: Scorer, args,
                     parts: set[str]) -> None:
-    transforms, *keys = shared_transforms(captioner, scorer)
-    batches = [b for b in ShardStream(expand_specs([str(corpus)]), transforms, row["batch"]) if isinstance(b, Batch)]
+    preprocessors, *keys = shared_preprocessors(captioner, scorer)
+    batches = [b for b in ShardStream(expand_specs([str(corpus)]), preprocessors, row["batch"]) if isinstance(b, Batch)]
     row["images"] = sum(len(b.samples) for b in batches)
     compute_only(batches[:1], captioner, scorer, keys)  # warm-up, for the end-to-end run too
     if "ratio" in parts:

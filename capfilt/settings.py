@@ -76,7 +76,9 @@ class RunConfig:
 @dataclass(frozen=True, kw_only=True)
 class CaptionerConfig:
     model: str = setting(help="A BLIP, BLIP-2 or InstructBLIP captioning checkpoint (Hub id or local directory, "
-                              "e.g. Salesforce/blip-image-captioning-large) or a `capfilt pretrain` run directory.",
+                              "e.g. Salesforce/blip-image-captioning-large), a `capfilt pretrain` run directory, or "
+                              "any image-text-to-text VLM transformers loads (Qwen2-VL, SmolVLM, LLaVA, PaliGemma, "
+                              "Florence-2, ...).",
                          panel=CAPTION, flags=("--captioner",))
     sampling: Literal["nucleus", "beam", "greedy"] = setting("nucleus", "nucleus (BLIP's CapFilt default), beam "
                                                                         "or greedy.", panel=CAPTION)
@@ -92,7 +94,12 @@ class CaptionerConfig:
         None, "Decoder prompt (InstructBLIP: the instruction), removed from the captions. Default: the model's own "
               "(BLIP: 'a picture of '; BLIP-2: 'a photo of'; InstructBLIP: 'A short image caption:'; a capfilt "
               "model: the prompt it was trained with, none for a stage-1 model's ITG decoder). An LLM's prompt "
-              "loses its trailing spaces, which its tokenizer would make a lone-space token.", panel=CAPTION)
+              "loses its trailing spaces, which its tokenizer would make a lone-space token. A VLM with a chat "
+              "template: the instruction in its user turn, beside the image (default 'Describe this image in one "
+              "short sentence.'); without one, the text its processor is given (PaliGemma: 'caption en'; "
+              "Florence-2: '<CAPTION>').", panel=CAPTION)
+    max_new_tokens: int = setting(40, "VLM captioners: max new tokens per caption (BLIP-family captioners count "
+                                      "--max-length / --min-length instead).", panel=CAPTION)
     device: str = setting("auto", "auto, cpu, cuda or cuda:N.", panel=RUN)
     dtype: str = setting("fp32", "Model precision: fp32, bf16 or fp16.", panel=RUN)
 
@@ -111,6 +118,8 @@ class CaptionerConfig:
             raise CapfiltError(f"--top-p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_length <= self.max_length:
             raise CapfiltError(f"need 0 <= --min-length <= --max-length, got {self.min_length} and {self.max_length}")
+        if self.max_new_tokens < 1:
+            raise CapfiltError("--max-new-tokens must be at least 1")
 
     def generation_kwargs(self, prompt_tokens: int) -> dict:
         """Arguments for `generate`; BLIP counts min/max length with the prompt, so they are converted to
@@ -119,11 +128,15 @@ class CaptionerConfig:
         if max_new < 1:
             raise CapfiltError(f"--max-length {self.max_length} leaves no room after the {prompt_tokens}-token prompt")
         kwargs = {"max_new_tokens": max_new, "min_new_tokens": max(0, self.min_length - prompt_tokens)}
+        return {**kwargs, **self.sampling_kwargs()}
+
+    def sampling_kwargs(self) -> dict:
+        """How `generate` picks tokens, and how many captions it returns per image (every captioner's)."""
         if self.sampling == "nucleus":
-            kwargs.update(do_sample=True, top_p=self.top_p, top_k=self.top_k, num_beams=1)
+            kwargs = dict(do_sample=True, top_p=self.top_p, top_k=self.top_k, num_beams=1)
             kwargs["repetition_penalty"] = 1.1 if self.repetition_penalty is None else self.repetition_penalty
         else:
-            kwargs.update(do_sample=False, num_beams=self.num_beams if self.sampling == "beam" else 1)
+            kwargs = dict(do_sample=False, num_beams=self.num_beams if self.sampling == "beam" else 1)
             kwargs["repetition_penalty"] = 1.0 if self.repetition_penalty is None else self.repetition_penalty
         kwargs["num_return_sequences"] = self.num_captions
         return kwargs

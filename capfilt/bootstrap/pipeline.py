@@ -100,12 +100,12 @@ def run(
         Claims(out, job).close(job_done=all_done(out))
         return summary
 
-    transforms, captioner_key, scorer_key = shared_transforms(captioner, scorer)
+    preprocessors, captioner_key, scorer_key = shared_preprocessors(captioner, scorer)
     one_tower = (captioner is not None and scorer is not None and captioner_key == scorer_key
                  and same_vision_tower(captioner.model, scorer.model))
     claims = Claims(out, job)
     inputs = {reader.shard_name(u): input_location(u) for u in todo}  # recorded per shard, for `capfilt report`
-    stream = ShardStream(todo, transforms, config.batch_size, retries=config.retries, claim=claims)
+    stream = ShardStream(todo, preprocessors, config.batch_size, retries=config.retries, claim=claims)
     device = (captioner or scorer).device
     started = time.perf_counter()
     open_shards: dict[str, _OpenShard] = {}
@@ -190,25 +190,26 @@ class _OpenShard:
                                    "input": self.input})
 
 
-def shared_transforms(captioner, scorer):
-    """One preprocessing per distinct image processor: captioner and filter share a tensor when they agree."""
-    transforms: dict[str, Any] = {}
+def shared_preprocessors(captioner, scorer):
+    """One preprocessing per distinct signature: captioner and filter share its results when they agree."""
+    preprocessors: dict[str, Any] = {}
     keys = []
     for model in (captioner, scorer):
         if model is None:
             keys.append(None)
             continue
-        key = model.image_transform.signature
-        transforms.setdefault(key, model.image_transform)
+        key = model.preprocess.signature
+        preprocessors.setdefault(key, model.preprocess)
         keys.append(key)
-    return transforms, keys[0], keys[1]
+    return preprocessors, keys[0], keys[1]
 
 
 def _settings(config: RunConfig, captioner, scorer, selection: SelectionConfig) -> dict[str, Any]:
     """What makes two runs' outputs comparable; a resume must match it exactly."""
     settings: dict[str, Any] = {"batch_size": config.batch_size, "seed": config.seed, "clean_text": config.clean_text}
     if captioner is not None:
-        settings["captioner"] = {k: v for k, v in captioner.config.__dict__.items() if k != "device"}
+        ignored = ("device", *getattr(captioner, "unused_settings", ()))
+        settings["captioner"] = {k: v for k, v in captioner.config.__dict__.items() if k not in ignored}
     if scorer is not None:
         # No calibration key without one, so that outputs written before --calibration existed still resume;
         # with one, the fit itself (a rewritten file at the same path is another filter).
@@ -253,7 +254,7 @@ class _Stages:
     selection: SelectionConfig
     captioner: Captioner | None
     scorer: Scorer | None
-    captioner_key: str | None  # the image transform each model's pixels come from
+    captioner_key: str | None  # the preprocess each model's inputs come from
     scorer_key: str | None
     fit: FitToMemory = field(default_factory=lambda: FitToMemory())
 
@@ -268,18 +269,18 @@ def _process(batch: Batch, writer: ShardWriter, stages: _Stages) -> None:
     stats = writer.stats
     halvings = stages.fit.halvings
     good = _usable(batch.samples, stats, stages)
-    rows = [s.pixel_row for s in good]
+    rows = [s.input_row for s in good]
 
-    def pixels_of(key: str):  # indexing copies (and drops the pinning): only when a sample dropped out
-        return batch.pixels[key] if len(rows) == len(batch.pixels[key]) else batch.pixels[key][rows]
+    def inputs_of(key: str):  # a list of per-image inputs; a sample that dropped out is left out
+        return batch.inputs[key] if len(rows) == len(batch.inputs[key]) else [batch.inputs[key][r] for r in rows]
 
     new_captions: list[list[str]] = [[] for _ in good]
     if stages.captioner is not None and good:
-        new_captions = _caption(batch, pixels_of(stages.captioner_key), len(good), stages)
+        new_captions = _caption(batch, inputs_of(stages.captioner_key), len(good), stages)
         stats.synthetic_generated += sum(len(c) for c in new_captions)
     candidates = [unique_candidates(s.web_caption, s.synthetic + new) for s, new in zip(good, new_captions)]
     if stages.scorer is not None and good:
-        _score(pixels_of(stages.scorer_key), candidates, stages)
+        _score(inputs_of(stages.scorer_key), candidates, stages)
         stats.captions_scored += sum(len(c) for c in candidates)
     stats.oom_halvings += stages.fit.halvings - halvings
 
@@ -315,18 +316,18 @@ def _usable(samples: list[Sample], stats, stages: _Stages) -> list[Sample]:
     return good
 
 
-def _caption(batch: Batch, pixels, n: int, stages: _Stages) -> list[list[str]]:
+def _caption(batch: Batch, inputs, n: int, stages: _Stages) -> list[list[str]]:
     seed = stages.config.seed
     seed = None if seed is None else batch_seed(seed, batch.shard, batch.index)
-    captions = stages.fit(lambda a, b: stages.captioner(pixels[a:b], seed=None if seed is None else seed + a), n)
+    captions = stages.fit(lambda a, b: stages.captioner(inputs[a:b], seed=None if seed is None else seed + a), n)
     if stages.config.clean_text:
         captions = [[clean_caption(c) for c in caps] for caps in captions]
     return captions
 
 
-def _score(pixels, candidates, stages: _Stages) -> None:
+def _score(inputs, candidates, stages: _Stages) -> None:
     texts = [[c.caption for c in cands] for cands in candidates]
-    scores = stages.fit(lambda a, b: stages.scorer(pixels[a:b], texts[a:b]), len(candidates))
+    scores = stages.fit(lambda a, b: stages.scorer(inputs[a:b], texts[a:b]), len(candidates))
     for cands, row in zip(candidates, scores):
         for c, score in zip(cands, row):
             c.score = score

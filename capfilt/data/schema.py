@@ -26,6 +26,8 @@ OK, DROPPED, ERROR = "ok", "dropped", "error"
 # Reason codes a user sees in the parquet `reason` column and in the stats.
 NO_IMAGE = "no_image"
 CORRUPT_IMAGE = "corrupt_image"
+# The image decodes, but a model's own processor refuses it (e.g. Qwen2-VL's: an aspect ratio over 200).
+IMAGE_REJECTED = "image_rejected"
 MISSING_CAPTION = "missing_caption"
 CAPTION_NOT_UTF8 = "caption_not_utf8"
 BAD_JSON = "bad_json"

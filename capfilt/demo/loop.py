@@ -364,7 +364,7 @@ def web_raw_scores(fold: Path, device: str, dtype: str = "fp32") -> dict[str, di
     scores: dict[str, dict[str, float]] = {kind: {} for kind in RAW_SCORES}
     for start in range(0, len(samples), 16):
         batch = samples[start : start + 16]
-        pixels = scorer.image_transform([decode_image(s.image) for s in batch])
+        pixels = [scorer.preprocess(decode_image(s.image)) for s in batch]
         for kind in RAW_SCORES:
             values = scorer.raw(pixels, [[s.web_caption] for s in batch], kind)
             scores[kind].update({s.key: v[0] for s, v in zip(batch, values)})
