@@ -31,6 +31,8 @@ INSTRUCTION = "Describe this image in one short sentence."
 # Models without a chat template caption from the task prefix they were trained with (by model type: a
 # family's later checkpoints, e.g. PaliGemma 2, share it).
 PREFIXES = {"paligemma": "caption en", "florence2": "<CAPTION>"}
+# Processors that want their image token in front of a prefix prompt (else they add it, warning per image).
+IMAGE_FIRST = ("paligemma",)
 # Families whose Hub checkpoints once shipped their own modelling code, and the native conversion to use instead.
 NATIVE_CONVERSIONS = {"florence2": "florence-community/Florence-2-base"}
 # Processor outputs aligned with the prompt's tokens (padded along the sequence, not stacked).
@@ -103,7 +105,8 @@ class VlmPreprocess:
 
     def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
         out = self.processor(images=[image], text=[self.text], return_tensors="pt")
-        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+        # No labels: generation does not train (PaliGemma's processor returns them for its prefix).
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and k != "labels"}
 
     @property
     def signature(self) -> str:
@@ -202,17 +205,27 @@ class VlmCaptioner:
         if chat and self.kind not in PREFIXES:
             instruction = INSTRUCTION if self.config.prompt is None else self.config.prompt
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
-            text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            try:
+                text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except Exception as exc:  # a template is a program: it may fail on a turn it did not expect
+                raise CapfiltError(f"captioner {name!r}: its chat template fails on a user turn with an image and "
+                                   f"an instruction ({type(exc).__name__}: {exc}); pass --prompt with the full "
+                                   "text its processor expects") from None
             image_token = getattr(processor, "image_token", None)
-            if image_token and image_token not in text:
+            if not image_token or image_token in text:
+                return instruction, text
+            if self.config.prompt is None:
                 raise CapfiltError(f"captioner {name!r}: its chat template places no image in a user turn (a base "
                                    f"model's template?): use its instruction-tuned checkpoint, or pass --prompt "
                                    f"with the full text its processor expects, image placeholder included")
-            return instruction, text
+            return self.config.prompt, self.config.prompt  # the template ignores a turn: the prompt is the text
         prompt = PREFIXES.get(self.kind) if self.config.prompt is None else self.config.prompt
         if prompt is None:
             raise CapfiltError(f"captioner {name!r} has no chat template and capfilt knows no captioning prefix for "
                                f"a {self.kind!r} model: pass --prompt with the text its processor expects")
+        image_token = getattr(processor, "image_token", None)
+        if self.kind in IMAGE_FIRST and image_token and image_token not in prompt:
+            return prompt, image_token + prompt
         return prompt, prompt
 
     def _generation_kwargs(self) -> dict:
