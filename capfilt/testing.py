@@ -414,6 +414,8 @@ def build_vlm(files: Path, model_type: str, path: Path, seed: int = 0, chat_temp
 
     files, path = Path(files) / VLM_FILES[model_type], Path(path)
     torch.manual_seed(seed)
+    if model_type == "florence2":
+        return florence2_native_stand_in(files, path)
     config = _tiny_vlm_config(model_type, json.loads((files / "config.json").read_text()))
     copy_hub_files(files, path)
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -425,4 +427,37 @@ def build_vlm(files: Path, model_type: str, path: Path, seed: int = 0, chat_temp
         paligemma_stand_in(config, path)
     if chat_template is not None:
         (path / "chat_template.json").write_text(json.dumps({"chat_template": chat_template}, indent=2) + "\n")
+    return str(path)
+
+
+def florence2_native_stand_in(files: Path, path: Path) -> str:
+    """A transformers-native Florence-2 (`Florence2ForConditionalGeneration`, as florence-community/Florence-2-base
+    has it) converted from the original remote-code repo's files, whose own layout capfilt refuses. A stand-in:
+    the native repo's files are not at hand. Its DaViT stages (`dim_embed` there, `embed_dim` here) and BART
+    settings shrunk; the real BART tokenizer, padded with placeholder tokens to the config's vocabulary and given
+    `<image>` (id 51289, transformers' default `image_token_id`) as its image token; the real image processor
+    (768 px, 577 image tokens)."""
+    import json
+
+    from transformers import AutoTokenizer, Florence2Config, Florence2ForConditionalGeneration, Florence2Processor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    real_files = copy_hub_files(files, Path(path).parent / f"{Path(path).name}-hub")
+    real = json.loads((real_files / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(real_files)
+    tokenizer.add_tokens([f"<florence_{i}>" for i in range(real["vocab_size"] - len(tokenizer))])
+    tokenizer.save_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, extra_special_tokens={"image_token": "<image>"})
+    vision = {k: real["vision_config"][k] for k in ("patch_size", "patch_stride", "patch_padding", "patch_prenorm",
+                                                    "window_size")}
+    vision.update(depths=[1, 1, 1, 1], embed_dim=[16, 16, 32, 32], num_heads=[1, 1, 2, 2], num_groups=[1, 1, 2, 2],
+                  projection_dim=64)
+    text = {**real["text_config"], "d_model": 64, "encoder_layers": 1, "decoder_layers": 1,
+            "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 128,
+            "decoder_ffn_dim": 128, "vocab_size": len(tokenizer)}
+    config = Florence2Config(text_config=text, vision_config=vision,
+                             image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    Florence2ForConditionalGeneration(config).save_pretrained(path)
+    image_processor = CLIPImageProcessorPil.from_pretrained(real_files)
+    Florence2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
     return str(path)

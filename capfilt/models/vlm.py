@@ -172,7 +172,11 @@ class VlmCaptioner:
             getattr(model_config, "text_config", None), "is_encoder_decoder", False))
         # A decoder-only model continues the prompt's last token: the shorter prompts are padded in front.
         self.padding_side = tokenizer.padding_side if self.encoder_decoder else "left"
-        processor = build_processor(cls, parts, processor_dict, kwargs)
+        try:
+            processor = build_processor(cls, parts, processor_dict, kwargs)
+        except (AttributeError, TypeError, ValueError) as exc:  # files of another layout than the class reads
+            raise CapfiltError(f"captioner {name!r}: its {cls.__name__} cannot be built from its files "
+                               f"({type(exc).__name__}: {str(exc).strip().splitlines()[0]})") from None
         self.prompt, text = self._prompt(name, processor)
         self.preprocess = VlmPreprocess(cls, parts, processor_dict, kwargs, text)
         self.tokenizer = tokenizer
