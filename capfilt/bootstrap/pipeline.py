@@ -42,6 +42,7 @@ from capfilt.launcher import current_rank
 from capfilt.models.captioner import Captioner
 from capfilt.models.scorer import Scorer
 from capfilt.models.towers import one_tower_pass, same_vision_tower
+from capfilt.models.vlm import VlmCaptioner
 from capfilt.settings import RunConfig, SelectionConfig
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def batch_seed(seed: int, shard: str, index: int) -> int:
 
 def run(
     config: RunConfig,
-    captioner: Captioner | None = None,
+    captioner: Captioner | VlmCaptioner | None = None,
     scorer: Scorer | None = None,
     selection: SelectionConfig | None = None,
 ) -> RunSummary:
@@ -252,7 +253,7 @@ class _Stages:
 
     config: RunConfig
     selection: SelectionConfig
-    captioner: Captioner | None
+    captioner: Captioner | VlmCaptioner | None
     scorer: Scorer | None
     captioner_key: str | None  # the preprocess each model's inputs come from
     scorer_key: str | None

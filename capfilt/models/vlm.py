@@ -106,7 +106,13 @@ class VlmPreprocess:
     def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
         out = self.processor(images=[image], text=[self.text], return_tensors="pt")
         # No labels: generation does not train (PaliGemma's processor returns them for its prefix).
-        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and k != "labels"}
+        inputs = {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and k != "labels"}
+        for key, value in inputs.items():
+            # A pixel mask as bool, not int64: Idefics3's is 13 crops x 512 x 512 per image, 27 MB as int64,
+            # held several batches deep in the DataLoader's prefetch. The models read it as a truth value.
+            if key.endswith("mask") and key not in TOKEN_ALIGNED and not value.is_floating_point():
+                inputs[key] = value.bool()
+        return inputs
 
     @property
     def signature(self) -> str:
