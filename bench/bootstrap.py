@@ -356,7 +356,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {gpu}, "
           f"{args.dtype}, batch {args.batch_size}, {args.num_captions} caption(s) per image", flush=True)
     rows = [row for size in sizes for row in bench(size, args, parts)]
-    print(table(rows))
+    print(table([row for row in rows if row.keys() - {"size", "batch"}]))  # not the empty rows of part vlm alone
 
 
 if __name__ == "__main__":
