@@ -18,12 +18,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import demo_samples, png_bytes, write_tar
+from helpers import cli, demo_samples, outputs, png_bytes, write_tar
 from transformers import AutoProcessor, BertConfig, GenerationConfig
-from typer.testing import CliRunner
 
 from capfilt.bootstrap import pipeline
-from capfilt.cli import app
 from capfilt.data.reader import decode_image
 from capfilt.models.captioner import load_captioner
 from capfilt.models.vlm import INSTRUCTION, VlmCaptioner, collate, end_of_text_ids
@@ -36,7 +34,6 @@ FAMILIES = ("qwen2_vl", "idefics3", "llava", "paligemma", "florence2")
 TEMPLATE_TEXT = (INSTRUCTION, "Describe this image", "caption en", "USER:", "ASSISTANT:", "Assistant:", "User:",
                  "<|im_start|>", "<|vision_start|>", "<image>", "<end_of_utterance>", "<CAPTION>",
                  "What does the image describe?")
-runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +51,8 @@ def images():
     return [decode_image(s["jpg"]) for s in demo_samples(2)]
 
 
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
 def rows(out: Path) -> list[dict]:
     return [row for path in sorted(out.glob("*.parquet")) for row in pq.read_table(path).to_pylist()]
-
-
-def outputs(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.suffix in (".tar", ".parquet")}
 
 
 # ----------------------------------------------------------------------------------------------- the processor
