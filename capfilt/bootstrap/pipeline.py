@@ -24,9 +24,11 @@ from tqdm.auto import tqdm
 from capfilt.bootstrap.claims import Claims, job_id
 from capfilt.bootstrap.selection import select, unique_candidates
 from capfilt.data import reader
+from capfilt.data.caption_rules import caption_rule
 from capfilt.data.reader import Batch, Sample, ShardEnd, ShardStream
 from capfilt.data.schema import (
     ALL_BELOW_THRESHOLD,
+    ALL_FAILED_RULES,
     DROPPED,
     ERROR,
     MISSING_CAPTION,
@@ -207,6 +209,9 @@ def shared_transforms(captioner, scorer):
 def _settings(config: RunConfig, captioner, scorer, selection: SelectionConfig) -> dict[str, Any]:
     """What makes two runs' outputs comparable; a resume must match it exactly."""
     settings: dict[str, Any] = {"batch_size": config.batch_size, "seed": config.seed, "clean_text": config.clean_text}
+    if config.caption_rules.enabled:
+        # Absent when off, so that an output written before the rules existed (format 2) resumes with them off.
+        settings["caption_rules"] = asdict(config.caption_rules)
     if captioner is not None:
         settings["captioner"] = {k: v for k, v in captioner.config.__dict__.items() if k != "device"}
     if scorer is not None:
@@ -278,9 +283,12 @@ def _process(batch: Batch, writer: ShardWriter, stages: _Stages) -> None:
         new_captions = _caption(batch, pixels_of(stages.captioner_key), len(good), stages)
         stats.synthetic_generated += sum(len(c) for c in new_captions)
     candidates = [unique_candidates(s.web_caption, s.synthetic + new) for s, new in zip(good, new_captions)]
+    for cands in candidates:  # before scoring: a caption that fails a rule is never scored
+        for c in cands:
+            c.rule = caption_rule(c.caption, stages.config.caption_rules, synthetic=c.source == "synthetic")
     if stages.scorer is not None and good:
         _score(pixels_of(stages.scorer_key), candidates, stages)
-        stats.captions_scored += sum(len(c) for c in candidates)
+        stats.captions_scored += sum(c.rule is None for cands in candidates for c in cands)
     stats.oom_halvings += stages.fit.halvings - halvings
 
     by_sample = {id(s): c for s, c in zip(good, candidates)}
@@ -325,10 +333,17 @@ def _caption(batch: Batch, pixels, n: int, stages: _Stages) -> list[list[str]]:
 
 
 def _score(pixels, candidates, stages: _Stages) -> None:
-    texts = [[c.caption for c in cands] for cands in candidates]
-    scores = stages.fit(lambda a, b: stages.scorer(pixels[a:b], texts[a:b]), len(candidates))
-    for cands, row in zip(candidates, scores):
-        for c, score in zip(cands, row):
+    """Score the candidates that passed the caption rules; an image none of whose captions did is not scored."""
+    passing = [[c for c in cands if c.rule is None] for cands in candidates]
+    rows = [i for i, cands in enumerate(passing) if cands]
+    if not rows:
+        return
+    if len(rows) < len(passing):
+        pixels = pixels[rows]
+    texts = [[c.caption for c in passing[i]] for i in rows]
+    scores = stages.fit(lambda a, b: stages.scorer(pixels[a:b], texts[a:b]), len(texts))
+    for i, row in zip(rows, scores):
+        for c, score in zip(passing[i], row):
             c.score = score
 
 
@@ -338,16 +353,18 @@ def write_candidates(writer: ShardWriter, sample: Sample, cands, selection: Sele
     (`filter_id` given). `run` and `capfilt select` both write through here, so their bytes agree."""
     stats = writer.stats
     scored = filter_id is not None
-    kept = select(cands, selection) if scored else cands
+    kept = select(cands, selection) if scored else [c for c in cands if c.rule is None]
     web = next((c for c in cands if c.source == "web"), None)  # None: an image-only sample
     synthetic = [c for c in cands if c.source == "synthetic"]
     row = dict(key=sample.key, detail=sample.detail or None, web_caption=web.caption if web else None,
                web_score=web.score if web else None, synthetic_captions=[c.caption for c in synthetic],
                synthetic_scores=[c.score for c in synthetic] if scored else None,
-               kept_captions=[c.caption for c in kept] if scored else None)
+               kept_captions=[c.caption for c in kept] if scored else None,
+               web_rule=web.rule if web else None, synthetic_rules=[c.rule for c in synthetic])
     if not kept:
         stats.dropped += 1
-        writer.add_row(status=DROPPED, reason=ALL_BELOW_THRESHOLD, **row)
+        failed_rules = all(c.rule is not None for c in cands)
+        writer.add_row(status=DROPPED, reason=ALL_FAILED_RULES if failed_rules else ALL_BELOW_THRESHOLD, **row)
         return
     stats.written += 1
     if scored:
