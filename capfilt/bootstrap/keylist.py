@@ -91,7 +91,7 @@ def write_keys(path: Path, source: Path, urls: list[str], selection: SelectionCo
                header: dict[str, Any]) -> KeysSummary:
     """Select from the recorded rows of `urls`' shards in `source` and write the kept keys to `path` (atomically:
     the file is whole or absent). `header`: the selection recorded in the file's metadata."""
-    from capfilt.bootstrap.outcome import input_location
+    from capfilt.bootstrap.pipeline import input_location  # MERGE: outcome
 
     summary = KeysSummary(path=str(path))
     schema = KEYS_SCHEMA.with_metadata({KEYS_META: json.dumps(header, sort_keys=True).encode()})
