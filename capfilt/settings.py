@@ -52,8 +52,12 @@ class CaptionRulesConfig:
     and never kept (capfilt.data.caption_rules; Data-Juicer's text filters, sized for captions). The defaults drop
     none of the 400 human COCO captions of the demo (bench/caption_rules.py)."""
 
-    enabled: bool = setting(True, "Check every caption against the rules before scoring (--no-caption-rules: "
-                                  "score every caption, as before format 3).", panel=RULES,
+    enabled: bool = setting(True, "Check every caption, web and synthetic, before scoring: one that fails a rule "
+                                  "is never scored nor kept, and its rule is recorded. Rules: too_few_words, "
+                                  "too_little_text, markup_or_code (HTML, URLs, file names, hex ids, code), "
+                                  "repeated_ngrams, unfinished_sentence (ends on a/the/of/with...; a generated "
+                                  "caption's second sentence cut off). --no-caption-rules: score every caption, as "
+                                  "before output format 3.", panel=RULES,
                             flags=("--caption-rules/--no-caption-rules",))
     min_words: int = setting(3, "too_few_words: fewer words than this (a word holds a letter or digit).",
                              panel=RULES, flags=("--rule-min-words",))
