@@ -52,11 +52,17 @@ def resolve_selection(config: SelectConfig, source: Path, settings: dict[str, An
                                       config.fraction)
         log.info(fraction.describe())
         threshold = fraction.threshold
-    selection = SelectionConfig(
-        policy=config.policy or recorded["policy"],
-        threshold=threshold,
-        keep_top=recorded["keep_top"] if config.keep_top is None else config.keep_top,
-    )
+    try:
+        selection = SelectionConfig(
+            policy=config.policy or recorded["policy"],
+            threshold=threshold,
+            keep_top=recorded["keep_top"] if config.keep_top is None else config.keep_top,
+        )
+    except CapfiltError as exc:
+        if fraction is None:
+            raise
+        raise CapfiltError(f"{fraction.describe()}, which a selection cannot take ({exc}): choose another "
+                           "--fraction") from None
     return selection, fraction
 
 
