@@ -7,10 +7,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from conftest import DEMO_SHARDS, demo_samples, read_json, write_tar
-from typer.testing import CliRunner
+from helpers import DEMO_SHARDS, cli, demo_samples, read_json, write_tar
 
-from capfilt.cli import app
 from capfilt.data.caption_rules import caption_rule
 from capfilt.data.schema import (
     ALL_BELOW_THRESHOLD,
@@ -25,12 +23,7 @@ from capfilt.data.schema import (
 )
 from capfilt.settings import CaptionRulesConfig
 
-runner = CliRunner()
 RULES = CaptionRulesConfig()
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 # Issue 23: captions the demo's filter kept, and the rule that must drop each.

@@ -9,18 +9,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import demo_samples, read_json, write_tar
-from typer.testing import CliRunner
+from helpers import cli, demo_samples, read_json, write_tar
 
 from capfilt.bootstrap.fraction import fraction_threshold
-from capfilt.cli import app
 from capfilt.data.schema import MANIFEST, ROW_SCHEMA
-
-runner = CliRunner()
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def write_scores(path: Path, rows: list[tuple]) -> Path:

@@ -8,18 +8,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from conftest import demo_samples, write_tar
-from typer.testing import CliRunner
+from helpers import cli, demo_samples, write_tar
 
 from capfilt.bootstrap.keylist import read_keys_header
-from capfilt.cli import app
 
-runner = CliRunner()
 SETTINGS = [[], ["--threshold", "MEDIAN"], ["--policy", "blip2", "--keep-top", 1, "--fraction", 0.5]]
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture

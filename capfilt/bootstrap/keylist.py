@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capfilt.bootstrap.fraction import FractionThreshold
+from capfilt.bootstrap.outcome import input_location
+from capfilt.bootstrap.reselect import recorded_settings, resolve_selection
 from capfilt.bootstrap.selection import select
 from capfilt.data import reader
 from capfilt.data.files import TMP_SUFFIX, publish
@@ -72,8 +74,6 @@ def check_keys_path(path: Path, source: Path, overwrite: bool) -> None:
 
 def select_keys(config: SelectConfig) -> KeysSummary:
     """`capfilt select --keys-only`: the selection of `reselect` at the same settings, written as a keys file."""
-    from capfilt.bootstrap.reselect import recorded_settings, resolve_selection
-
     source, path = Path(config.source), Path(config.keys_only)
     settings = recorded_settings(source)
     check_keys_path(path, source, config.overwrite)
@@ -91,8 +91,6 @@ def write_keys(path: Path, source: Path, urls: list[str], selection: SelectionCo
                header: dict[str, Any]) -> KeysSummary:
     """Select from the recorded rows of `urls`' shards in `source` and write the kept keys to `path` (atomically:
     the file is whole or absent). `header`: the selection recorded in the file's metadata."""
-    from capfilt.bootstrap.pipeline import input_location  # MERGE: outcome
-
     summary = KeysSummary(path=str(path))
     schema = KEYS_SCHEMA.with_metadata({KEYS_META: json.dumps(header, sort_keys=True).encode()})
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from capfilt.bootstrap.fraction import FractionThreshold, fraction_threshold
-from capfilt.bootstrap.pipeline import RunSummary, input_location, write_candidates
+from capfilt.bootstrap.outcome import RunSummary, input_location, write_candidates
 from capfilt.data import reader
 from capfilt.data.schema import ERROR, MANIFEST, NO_RECORDED_SCORES, row_candidates, stats_path
 from capfilt.data.text import clean_caption
