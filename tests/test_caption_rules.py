@@ -158,6 +158,13 @@ def test_a_caption_that_fails_a_rule_is_never_scored_nor_kept(shards, tmp_path, 
     assert "caption rules    3 captions dropped before scoring" in result.output
     assert read_json(out / MANIFEST)["settings"]["caption_rules"] == {
         "enabled": True, "min_words": 3, "min_alpha": 0.5, "ngram": 3, "max_repeated": 0.5}
+    assert cli("report", out, "--samples", 8).exit_code == 0
+    html = (out / "report.html").read_text()
+    table = html[html.index('id="rules-table"'):]
+    table = table[: table.index("</table>")]
+    for code, web, synthetic in ((MARKUP_OR_CODE, 1, 0), (TOO_FEW_WORDS, 1, 1)):  # each rule's drops, by source
+        assert f'<tr><th>{code}</th><td class="num">{web}</td><td class="num">{synthetic}</td></tr>' in table
+    assert f"synthetic\n            {TOO_FEW_WORDS}</span> the city" in html  # the gallery says why it was dropped
 
 
 def test_no_caption_rules_scores_every_caption(shards, tmp_path, tiny_models):

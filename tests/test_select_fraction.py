@@ -124,6 +124,11 @@ def test_select_fraction_keeps_the_best_images_of_every_shard(recorded, tmp_path
         assert f"threshold {threshold!r} keeps {target} of {len(rows)} scored images" in result.output
         again = cli("select", shards, "--from", source, "--out", out, "--fraction", fraction, "-q")
         assert again.exit_code == 0 and "0 shards done, 3 already done" in again.output
+        page = out / "report.html"
+        assert cli("report", out, "--samples", 0).exit_code == 0
+        html = page.read_text()
+        assert f"worked out for --fraction {fraction}: the best {target} of {len(rows)} scored images" in html
+        assert f"{threshold} (run: --fraction {fraction})" in html  # the sweep table's row of the run
 
 
 def test_fraction_and_threshold_exclude_each_other(recorded, tmp_path):

@@ -39,12 +39,10 @@ class KeysSummary:
     rows: int = 0  # the recorded rows read (one per input sample)
     kept: int = 0
     shards_unrecorded: list[str] = field(default_factory=list)  # not finished in the recorded run: none kept
-    fraction: FractionThreshold | None = None  # under --fraction: the threshold worked out
+    fraction: FractionThreshold | None = None  # under --fraction: the threshold worked out (logged when it is)
 
     def describe(self) -> str:
         text = f"keys: {self.kept:,} of {self.rows:,} samples in {self.shards} shard(s) written to {self.path}"
-        if self.fraction is not None:
-            text = f"{self.fraction.describe()}\n{text}"
         if self.shards_unrecorded:
             text += (f"; {len(self.shards_unrecorded)} shard(s) have no recorded scores and give no key: "
                      + ", ".join(self.shards_unrecorded))
