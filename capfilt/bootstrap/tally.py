@@ -89,7 +89,9 @@ class Sweep:
         self.noisy_scores, self.clean_scores = AtLeast(self.roc_grid), AtLeast(self.roc_grid)
 
     def add(self, web_score: float | None, synthetic_scores: list[float], noisy: bool | None = None) -> None:
-        """One scored sample; `web_score` None: an image-only sample (synthetic captions alone)."""
+        """One scored sample; `web_score` None: an image-only sample (synthetic captions alone), or a web caption
+        a caption rule dropped, as a None among `synthetic_scores` is: never scored, never kept."""
+        synthetic_scores = [s for s in synthetic_scores if s is not None]
         has_web = web_score is not None
         scores = [web_score] * has_web + list(synthetic_scores)
         if not scores:
