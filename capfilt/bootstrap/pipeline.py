@@ -24,6 +24,7 @@ from capfilt.bootstrap.claims import Claims, job_id
 from capfilt.bootstrap.outcome import RunSummary, input_location, write_candidates
 from capfilt.bootstrap.selection import unique_candidates
 from capfilt.data import reader
+from capfilt.data.caption_rules import caption_rule
 from capfilt.data.reader import Batch, Sample, ShardEnd, ShardStream
 from capfilt.data.schema import ERROR, MISSING_CAPTION, stats_path
 from capfilt.data.text import clean_caption
@@ -176,6 +177,9 @@ def shared_preprocessors(captioner, scorer):
 def _settings(config: RunConfig, captioner, scorer, selection: SelectionConfig) -> dict[str, Any]:
     """What makes two runs' outputs comparable; a resume must match it exactly."""
     settings: dict[str, Any] = {"batch_size": config.batch_size, "seed": config.seed, "clean_text": config.clean_text}
+    if config.caption_rules.enabled:
+        # Absent when off, so that an output written before the rules existed (format 2) resumes with them off.
+        settings["caption_rules"] = asdict(config.caption_rules)
     if captioner is not None:
         ignored = ("device", *getattr(captioner, "unused_settings", ()))
         settings["captioner"] = {k: v for k, v in captioner.config.__dict__.items() if k not in ignored}
@@ -248,9 +252,12 @@ def _process(batch: Batch, writer: ShardWriter, stages: _Stages) -> None:
         new_captions = _caption(batch, inputs_of(stages.captioner_key), len(good), stages)
         stats.synthetic_generated += sum(len(c) for c in new_captions)
     candidates = [unique_candidates(s.web_caption, s.synthetic + new) for s, new in zip(good, new_captions)]
+    for cands in candidates:  # before scoring: a caption that fails a rule is never scored
+        for c in cands:
+            c.rule = caption_rule(c.caption, stages.config.caption_rules, synthetic=c.source == "synthetic")
     if stages.scorer is not None and good:
         _score(inputs_of(stages.scorer_key), candidates, stages)
-        stats.captions_scored += sum(len(c) for c in candidates)
+        stats.captions_scored += sum(c.rule is None for cands in candidates for c in cands)
     stats.oom_halvings += stages.fit.halvings - halvings
 
     by_sample = {id(s): c for s, c in zip(good, candidates)}
@@ -295,8 +302,15 @@ def _caption(batch: Batch, inputs, n: int, stages: _Stages) -> list[list[str]]:
 
 
 def _score(inputs, candidates, stages: _Stages) -> None:
-    texts = [[c.caption for c in cands] for cands in candidates]
-    scores = stages.fit(lambda a, b: stages.scorer(inputs[a:b], texts[a:b]), len(candidates))
-    for cands, row in zip(candidates, scores):
-        for c, score in zip(cands, row):
+    """Score the candidates that passed the caption rules; an image none of whose captions did is not scored."""
+    passing = [[c for c in cands if c.rule is None] for cands in candidates]
+    rows = [i for i, cands in enumerate(passing) if cands]
+    if not rows:
+        return
+    if len(rows) < len(passing):
+        inputs = [inputs[i] for i in rows]  # per-image inputs: keep the images that still have a caption
+    texts = [[c.caption for c in passing[i]] for i in rows]
+    scores = stages.fit(lambda a, b: stages.scorer(inputs[a:b], texts[a:b]), len(texts))
+    for i, row in zip(rows, scores):
+        for c, score in zip(passing[i], row):
             c.score = score
