@@ -70,18 +70,20 @@ def _kind(class_name: str, model_type: str) -> str:
     return f"{_family(model_type)} checkpoint for another task"
 
 
-def _wanted(role: str, classes: dict[str, type[PreTrainedModel]]) -> str:
-    kinds = [f"{KINDS[c.__name__][0]} such as {KINDS[c.__name__][1]}" for c in classes.values()]
+def _wanted(role: str, classes: dict[str, type[PreTrainedModel]], others: tuple[str, ...] = ()) -> str:
+    kinds = [f"{KINDS[c.__name__][0]} such as {KINDS[c.__name__][1]}" for c in classes.values()] + list(others)
     return f"a {role} must be " + ", ".join(kinds[:-1]) + f" or {kinds[-1]}"
 
 
-def load_model(name: str, role: str, classes: dict[str, type[PreTrainedModel]], device: str, dtype: str):
-    """Load `name` with the class that `classes` maps its `model_type` to; refuse checkpoints of the wrong head."""
+def load_model(name: str, role: str, classes: dict[str, type[PreTrainedModel]], device: str, dtype: str,
+               others: tuple[str, ...] = ()):
+    """Load `name` with the class that `classes` maps its `model_type` to; refuse checkpoints of the wrong head.
+    `others`: what else the role accepts, in users' words, for the refusal."""
     config = load_config(name, role)
     cls = classes.get(config.model_type)
     if cls is None:
         raise CapfiltError(f"{role} {name!r} is {_family(config.model_type)} model, which capfilt cannot use as "
-                           f"a {role}: {_wanted(role, classes)}")
+                           f"a {role}: {_wanted(role, classes, others)}")
     architectures = getattr(config, "architectures", None) or []
     if architectures and cls.__name__ not in architectures:
         raise CapfiltError(f"{role} {name!r} is {_kind(architectures[0], config.model_type)}, not "
@@ -126,6 +128,28 @@ class ImageTransform:
     def signature(self) -> str:
         """Equal signatures mean identical preprocessing, so captioner and filter can share one tensor."""
         return self.processor.to_json_string()
+
+
+@dataclass(frozen=True)
+class PixelPreprocess:
+    """The `Preprocess` (see capfilt.data.reader) of a model that takes pixels alone (the BLIP family): one image
+    -> `{"pixel_values": (1, 3, H, W)}`. Its image processor treats each image on its own, so a batch stacked
+    from these rows is the tensor it would have made from the whole list."""
+
+    transform: ImageTransform
+
+    def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.transform([image])}
+
+    @property
+    def signature(self) -> str:
+        return self.transform.signature
+
+
+def stack_pixels(inputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """(B, 3, H, W) from B `PixelPreprocess` rows; a single row is used as is (no copy)."""
+    rows = [one["pixel_values"] for one in inputs]
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 # Towers whose position embeddings fix the input to their `image_size` square (no interpolation).

@@ -23,7 +23,14 @@ from transformers import Blip2ForImageTextRetrieval, BlipForImageTextRetrieval
 
 from capfilt.errors import CapfiltError
 from capfilt.models import losses
-from capfilt.models.loading import ImageTransform, load_image_transform, load_model, load_tokenizer, vision_dtype
+from capfilt.models.loading import (
+    PixelPreprocess,
+    load_image_transform,
+    load_model,
+    load_tokenizer,
+    stack_pixels,
+    vision_dtype,
+)
 from capfilt.models.qformer import MODEL_TYPE as CAPFILT_QFORMER
 from capfilt.models.qformer import QFormerModel
 from capfilt.settings import ScorerConfig
@@ -107,10 +114,11 @@ def same_model(a: str, b: str) -> bool:
 
 
 class Scorer:
-    """`scorer(pixel_values, texts)` -> P(match) per caption, shaped like `texts`: the ITM head's own, or the
+    """`scorer(inputs, texts)` -> P(match) per caption, shaped like `texts`: the ITM head's own, or the
     calibrated one of `config.calibration`.
 
-    pixel_values: (B, 3, H, W) from `self.image_transform`; texts: B lists of captions (any lengths).
+    inputs: one entry per image from `self.preprocess` (see capfilt.data.reader); texts: B lists of captions (any
+    lengths).
     """
 
     def __init__(self, config: ScorerConfig):
@@ -125,7 +133,7 @@ class Scorer:
         self.first_token = None
         if not (self.is_blip2 or self.is_capfilt):
             self.first_token = enc_token_id(self.tokenizer, self.model.config.text_config, config.model)
-        self.image_transform: ImageTransform = load_image_transform(config.model, self.model.config.vision_config)
+        self.preprocess = PixelPreprocess(load_image_transform(config.model, self.model.config.vision_config))
         if self.calibration is not None and not same_model(self.calibration.filter, config.model):
             logger.warning(f"--calibration {config.calibration} was fitted for {self.calibration.filter!r}, not "
                            f"{config.model!r}: it holds only if that is the same model")
@@ -134,14 +142,14 @@ class Scorer:
     def device(self) -> torch.device:
         return self.model.device
 
-    def __call__(self, pixel_values: torch.Tensor, texts: list[list[str]]) -> list[list[float]]:
+    def __call__(self, inputs: list[dict[str, torch.Tensor]], texts: list[list[str]]) -> list[list[float]]:
         if self.calibration is None:  # the head's own P(match) = softmax of its two logits
-            return self.raw(pixel_values, texts, "itm", margin=False)
+            return self.raw(inputs, texts, "itm", margin=False)
         return [[self.calibration(v) for v in group]
-                for group in self.raw(pixel_values, texts, self.calibration.score)]
+                for group in self.raw(inputs, texts, self.calibration.score)]
 
     @torch.inference_mode()
-    def raw(self, pixel_values: torch.Tensor, texts: list[list[str]], kind: str, margin: bool = True
+    def raw(self, inputs: list[dict[str, torch.Tensor]], texts: list[list[str]], kind: str, margin: bool = True
             ) -> list[list[float]]:
         """Raw scores of `kind` ("itm": the logit margin, or P(match) with margin=False; "itc": the cosine
         similarity), shaped like `texts`."""
@@ -151,7 +159,7 @@ class Scorer:
         flat = [t for group in texts for t in group]
         if not flat:
             return [[] for _ in texts]
-        pixel_values = pixel_values.to(self.device, vision_dtype(self.model), non_blocking=True)
+        pixel_values = stack_pixels(inputs).to(self.device, vision_dtype(self.model), non_blocking=True)
         if self.is_capfilt:
             image_embeds = self.model.encode_image(pixel_values)  # (B, N, D), through its trained LayerNorm
         else:
