@@ -1,5 +1,5 @@
-"""Tiny random BLIP / BLIP-2 checkpoints (captioners and ITM filters) and Q-Former pre-training parts, for
-tests, benchmarks and smoke runs.
+"""Tiny random BLIP / BLIP-2 checkpoints (captioners and ITM filters), CLIP / SigLIP filters and Q-Former
+pre-training parts, for tests, benchmarks and smoke runs.
 
 They are built from configs, saved with their processors, and meant to be loaded back through
 `from_pretrained(dir)`, the same path a user's checkpoint takes. Sizes are parameters, so a benchmark can
@@ -194,7 +194,7 @@ def copy_hub_files(files: Path, out: Path) -> Path:
     for path in Path(files).iterdir():
         if path.suffix == ".gz":
             (out / path.stem).write_bytes(gzip.decompress(path.read_bytes()))
-        elif path.suffix == ".json" or path.suffix == ".txt":
+        elif path.suffix in (".json", ".txt", ".model"):  # .model: a sentencepiece model (SigLIP's spiece.model)
             shutil.copy(path, out / path.name)
     return out
 
@@ -326,3 +326,38 @@ def build_instructblip(files: Path, path: Path, llm: str = "t5", seed: int = 0) 
     InstructBlipProcessor(image_processor=image_processor, tokenizer=tok, qformer_tokenizer=qformer_tok,
                           num_query_tokens=config.num_query_tokens).save_pretrained(path)
     return str(path)
+
+
+def build_dual_encoders(files: Path, root: Path, seed: int = 0) -> dict[str, str]:
+    """Random CLIP and SigLIP filters with the real Hub files under `files` (see tests/hub_files): depth and width
+    shrunk (1 layer, 32 wide, 16-d embeddings), everything else as the real files have it: vocabularies, special
+    ids, text positions (CLIP 77, SigLIP 64), image sizes and patches, processors, and each config in its Hub
+    layout (CLIP's 4.16-era full dump with the old `eos_token_id` 2, SigLIP's sparse one). SigLIP's scale and bias
+    are set away from their zero init (to exp 10 and -1), so that they count. Returns paths: clip, siglip."""
+    import json
+    import math
+
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+
+    files, root = Path(files), Path(root)
+    torch.manual_seed(seed)
+    narrow = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1)
+    paths = {}
+    for role, folder, config_cls, model_cls in (("clip", "clip-vit-base-patch32", CLIPConfig, CLIPModel),
+                                                ("siglip", "siglip-so400m-patch14-384", SiglipConfig, SiglipModel)):
+        real = json.loads((files / folder / "config.json").read_text())
+        config = {**real, "text_config": {**real["text_config"], **narrow},
+                  "vision_config": {**real["vision_config"], **narrow}}
+        for part in (config, config["text_config"], config["vision_config"]):
+            if "projection_dim" in part:
+                part["projection_dim"] = 16
+        model = model_cls(config_cls.from_dict(config))
+        if hasattr(model, "logit_bias"):
+            with torch.no_grad():
+                model.logit_scale.fill_(math.log(10.0))
+                model.logit_bias.fill_(-1.0)
+        out = copy_hub_files(files / folder, root / role)
+        model.save_pretrained(out)
+        _real_layout(out, config)
+        paths[role] = str(out)
+    return paths

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from capfilt.bootstrap.claims import Claims, job_id
-from capfilt.bootstrap.selection import select, unique_candidates
+from capfilt.bootstrap.selection import kind_of, resolve, select, unique_candidates
 from capfilt.data import reader
 from capfilt.data.reader import Batch, Sample, ShardEnd, ShardStream
 from capfilt.data.schema import (
@@ -31,6 +31,8 @@ from capfilt.data.schema import (
     ERROR,
     MISSING_CAPTION,
     OK,
+    PROBABILITY,
+    ScoreKind,
     capfilt_block,
     read_block,
     stats_path,
@@ -81,6 +83,8 @@ def run(
     if captioner is None and scorer is None:
         raise CapfiltError("nothing to do: give a captioner, a filter, or both")
     selection = selection or SelectionConfig()
+    kind = kind_of(scorer) if scorer is not None else PROBABILITY
+    selection = resolve(selection, kind)  # the threshold recorded and applied is the kind's default if none given
     urls = reader.expand_specs(config.specs)
     out = Path(config.out)
     me = current_rank()
@@ -109,7 +113,7 @@ def run(
     device = (captioner or scorer).device
     started = time.perf_counter()
     open_shards: dict[str, _OpenShard] = {}
-    stages = _Stages(config, selection, captioner, scorer, captioner_key, scorer_key)
+    stages = _Stages(config, selection, captioner, scorer, captioner_key, scorer_key, kind)
     view = _JobView(out, [reader.shard_name(u) for u in todo], enabled=config.progress and me.rank == 0)
     try:
         for item in reader.stream_batches(stream, config.workers, pin_memory=device.type == "cuda"):
@@ -215,6 +219,8 @@ def _settings(config: RunConfig, captioner, scorer, selection: SelectionConfig) 
         settings["filter"] = {k: v for k, v in scorer.config.__dict__.items() if k not in ("device", "calibration")}
         if scorer.calibration is not None:
             settings["filter"]["calibration"] = asdict(scorer.calibration)
+        if kind_of(scorer) != PROBABILITY:  # no key for a probability: older outputs still resume
+            settings["filter"]["score_kind"] = kind_of(scorer)
         settings["selection"] = dict(selection.__dict__)
     return settings
 
@@ -255,6 +261,7 @@ class _Stages:
     scorer: Scorer | None
     captioner_key: str | None  # the image transform each model's pixels come from
     scorer_key: str | None
+    kind: ScoreKind = PROBABILITY  # of the filter's scores
     fit: FitToMemory = field(default_factory=lambda: FitToMemory())
 
     @property
@@ -279,8 +286,10 @@ def _process(batch: Batch, writer: ShardWriter, stages: _Stages) -> None:
         stats.synthetic_generated += sum(len(c) for c in new_captions)
     candidates = [unique_candidates(s.web_caption, s.synthetic + new) for s, new in zip(good, new_captions)]
     if stages.scorer is not None and good:
+        truncated = stages.scorer.captions_truncated
         _score(pixels_of(stages.scorer_key), candidates, stages)
         stats.captions_scored += sum(len(c) for c in candidates)
+        stats.captions_truncated += stages.scorer.captions_truncated - truncated
     stats.oom_halvings += stages.fit.halvings - halvings
 
     by_sample = {id(s): c for s, c in zip(good, candidates)}
@@ -293,7 +302,7 @@ def _process(batch: Batch, writer: ShardWriter, stages: _Stages) -> None:
             writer.add_row(key=sample.key, status=ERROR, reason=sample.error, detail=sample.detail,
                            web_caption=sample.web_caption)
             continue
-        write_candidates(writer, sample, cands, stages.selection, *stages.model_ids)
+        write_candidates(writer, sample, cands, stages.selection, *stages.model_ids, kind=stages.kind)
 
 
 def _usable(samples: list[Sample], stats, stages: _Stages) -> list[Sample]:
@@ -333,7 +342,7 @@ def _score(pixels, candidates, stages: _Stages) -> None:
 
 
 def write_candidates(writer: ShardWriter, sample: Sample, cands, selection: SelectionConfig,
-                     captioner_id: str | None, filter_id: str | None) -> None:
+                     captioner_id: str | None, filter_id: str | None, kind: ScoreKind = PROBABILITY) -> None:
     """A good sample's parquet row, and its tar sample unless dropped; selects first when it was scored
     (`filter_id` given). `run` and `capfilt select` both write through here, so their bytes agree."""
     stats = writer.stats
@@ -354,11 +363,11 @@ def write_candidates(writer: ShardWriter, sample: Sample, cands, selection: Sele
         stats.web_kept += int(web is not None and bool(web.kept))
         stats.synthetic_kept += sum(bool(c.kept) for c in synthetic)
     writer.write_sample(sample.key, sample.image, sample.image_ext, kept[0].caption,
-                        _output_meta(sample, cands, captioner_id, filter_id, selection))
+                        _output_meta(sample, cands, captioner_id, filter_id, selection, kind))
     writer.add_row(status=OK, **row)
 
 
 def _output_meta(sample: Sample, cands, captioner_id: str | None, filter_id: str | None,
-                 selection: SelectionConfig) -> dict[str, Any]:
+                 selection: SelectionConfig, kind: ScoreKind) -> dict[str, Any]:
     captioner = captioner_id if captioner_id is not None else read_block(sample.meta).get("captioner")
-    return {**sample.meta, "capfilt": capfilt_block(cands, captioner, filter_id, dict(selection.__dict__))}
+    return {**sample.meta, "capfilt": capfilt_block(cands, captioner, filter_id, dict(selection.__dict__), kind)}

@@ -26,7 +26,19 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from capfilt.data.files import publish
-from capfilt.data.schema import DROPPED, ERROR, MANIFEST, OK, shard_files, stats_path
+from capfilt.data.schema import (
+    COSINE,
+    DROPPED,
+    ERROR,
+    MANIFEST,
+    OK,
+    PROBABILITY,
+    SCORE_LABELS,
+    ScoreKind,
+    score_kind,
+    shard_files,
+    stats_path,
+)
 from capfilt.data.writer import recorded_shards
 from capfilt.errors import CapfiltError
 from capfilt.settings import ReportConfig
@@ -43,6 +55,10 @@ MAX_SHARD_ROWS = 200  # shard table rows, at most
 THUMB_PX = 160
 TEXT_CHARS = 300  # captions and details are cut there on the page
 SWEEP_TABLE = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# A CLIP cosine: where its scores lie (a good match scores about 0.3 on ViT-B/32), and the lowest value they can
+# take. Thresholds stay in [0, 1] (a negative one keeps nearly everything).
+COSINE_SWEEP_TABLE = (0.1, 0.15, 0.2, 0.25, 0.28, 0.3, 0.35, 0.4)
+LOWEST = {PROBABILITY: 0.0, COSINE: -1.0}
 BATCH_ROWS = 4096
 COLUMNS = ["key", "status", "reason", "detail", "web_caption", "web_score", "synthetic_captions",
            "synthetic_scores", "kept_captions"]
@@ -92,6 +108,7 @@ class Sweep:
     thresholds: np.ndarray
     policy: str
     keep_top: int
+    lowest: float = 0.0  # the lowest score the filter gives (a probability's 0, a cosine's -1): the ROC's range
     images: int = 0
     web: int = 0
     synthetic: int = 0
@@ -102,7 +119,7 @@ class Sweep:
         t = self.thresholds
         self.images_kept, self.web_kept, self.synthetic_kept = AtLeast(t), AtLeast(t), AtLeast(t)
         self.noisy_web_kept, self.clean_web_kept = AtLeast(t), AtLeast(t)
-        self.roc_grid = np.linspace(0, 1, ROC_POINTS)
+        self.roc_grid = np.linspace(self.lowest, 1, ROC_POINTS)
         self.noisy_scores, self.clean_scores = AtLeast(self.roc_grid), AtLeast(self.roc_grid)
 
     def add(self, web_score: float | None, synthetic_scores: list[float], noisy: bool | None = None) -> None:
@@ -194,6 +211,14 @@ class _Scan:
     totals: dict[str, Any] = field(default_factory=dict)
     hist: dict[str, np.ndarray] = field(default_factory=dict)
     truth_note: str = ""
+    kind: ScoreKind = PROBABILITY
+    seen: list[float] = field(default_factory=lambda: [np.inf, -np.inf])  # lowest and highest score: the plots' range
+
+
+def histogram_edges(kind: ScoreKind) -> np.ndarray:
+    """Fixed bins over the whole range a score can take: 40 over a probability's [0, 1], as fine over [-1, 1]."""
+    lowest = LOWEST[kind]
+    return np.linspace(lowest, 1, round(HIST_BINS * (1 - lowest)) + 1)
 
 
 def scan(out: Path, samples: int, seed: int) -> _Scan:
@@ -206,13 +231,14 @@ def scan(out: Path, samples: int, seed: int) -> _Scan:
     settings = json.loads((out / MANIFEST).read_text()).get("settings", {})
     selection = settings.get("selection") or {}
     policy, threshold = selection.get("policy", "blip"), float(selection.get("threshold", 0.5))
-    result = _Scan(settings, Sweep(threshold_grid(threshold), policy, int(selection.get("keep_top", 2))),
-                   {b: Reservoir(samples, f"{seed}/{b}") for b in (OK, DROPPED, ERROR)})
-    edges = np.linspace(0, 1, HIST_BINS + 1)
-    hist = {name: np.zeros(HIST_BINS, dtype=np.int64) for name in ("web_kept", "web_removed", "synthetic_kept",
-                                                                   "synthetic_removed")}
+    kind = score_kind(settings)
+    result = _Scan(settings, Sweep(threshold_grid(threshold), policy, int(selection.get("keep_top", 2)), LOWEST[kind]),
+                   {b: Reservoir(samples, f"{seed}/{b}") for b in (OK, DROPPED, ERROR)}, kind=kind)
+    edges = histogram_edges(kind)
+    hist = {name: np.zeros(len(edges) - 1, dtype=np.int64) for name in ("web_kept", "web_removed",
+                                                                         "synthetic_kept", "synthetic_removed")}
     totals = {"read": 0, "written": 0, "dropped": 0, "web_kept": 0, "synthetic_kept": 0, "synthetic_generated": 0,
-              "errors": Counter()}
+              "captions_truncated": 0, "errors": Counter()}
     done = set()
     truth_found, misses = False, 0
     for stats_file in (stats_path(out, shard) for shard in sorted(shards)):
@@ -221,7 +247,8 @@ def scan(out: Path, samples: int, seed: int) -> _Scan:
         stats = json.loads(stats_file.read_text())
         name = stats["shard"]
         done.add(name)
-        for k in ("read", "written", "dropped", "web_kept", "synthetic_kept", "synthetic_generated"):
+        for k in ("read", "written", "dropped", "web_kept", "synthetic_kept", "synthetic_generated",
+                  "captions_truncated"):
             totals[k] += stats.get(k, 0)
         totals["errors"].update(stats["errors"])
         result.shards.append({**{k: stats.get(k) for k in ("shard", "read", "written", "dropped", "duration_s",
@@ -257,12 +284,17 @@ def _add_row(result: _Scan, hist, edges, shard: str, row: dict[str, Any], noisy:
     result.sweep.add(row["web_score"], synthetic, noisy)
     kept = set(row["kept_captions"] or [])
     if row["web_score"] is not None:
-        web_bin = min(int(np.searchsorted(edges, row["web_score"], side="right")) - 1, HIST_BINS - 1)
-        hist["web_kept" if row["web_caption"] in kept else "web_removed"][web_bin] += 1
+        hist["web_kept" if row["web_caption"] in kept else "web_removed"][_bin(edges, row["web_score"])] += 1
     for caption, score in zip(row["synthetic_captions"] or [], row["synthetic_scores"] or []):
         if score is not None:
-            b = min(int(np.searchsorted(edges, score, side="right")) - 1, HIST_BINS - 1)
-            hist["synthetic_kept" if caption in kept else "synthetic_removed"][b] += 1
+            hist["synthetic_kept" if caption in kept else "synthetic_removed"][_bin(edges, score)] += 1
+    for score in [row["web_score"], *synthetic]:
+        if score is not None:
+            result.seen[:] = [min(result.seen[0], score), max(result.seen[1], score)]
+
+
+def _bin(edges: np.ndarray, score: float) -> int:
+    return min(max(int(np.searchsorted(edges, score, side="right")) - 1, 0), len(edges) - 2)
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -329,22 +361,32 @@ def _figure(ncols: int = 1, width: float = 6.4):
     return fig, fig.subplots(1, ncols, squeeze=False)[0]
 
 
-def plot_histograms(hist: dict[str, np.ndarray], threshold: float) -> str:
+def score_range(kind: ScoreKind, seen: list[float]) -> tuple[float, float]:
+    """The plots' score axis: a probability's [0, 1]; for a cosine, the 0.05 steps around the scores seen (CLIP
+    cosines crowd into a small part of [-1, 1])."""
+    if kind == PROBABILITY or not np.isfinite(seen[0]):
+        return LOWEST[kind], 1.0
+    return max(LOWEST[kind], np.floor(seen[0] * 20) / 20 - 0.05), min(1.0, np.ceil(seen[1] * 20) / 20 + 0.05)
+
+
+def plot_histograms(hist: dict[str, np.ndarray], threshold: float, kind: ScoreKind = PROBABILITY,
+                    xlim: tuple[float, float] = (0.0, 1.0)) -> str:
     fig, axes = _figure(2, 9.6)
-    edges = np.linspace(0, 1, HIST_BINS + 1)
+    edges = histogram_edges(kind)
     width = edges[1] - edges[0]
     for ax, source in zip(axes, ("web", "synthetic")):
         kept, removed = hist[f"{source}_kept"], hist[f"{source}_removed"]
         ax.bar(edges[:-1], removed, width=width, align="edge", color="#d62728", label="removed")
         ax.bar(edges[:-1], kept, width=width, align="edge", bottom=removed, color="#2ca02c", label="kept")
         ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
-        ax.set(title=f"{source} captions ({int(kept.sum() + removed.sum()):,})", xlabel="filter score P(match)",
-               ylabel="captions", xlim=(0, 1))
+        ax.set(title=f"{source} captions ({int(kept.sum() + removed.sum()):,})",
+               xlabel=f"filter score: {SCORE_LABELS[kind]}", ylabel="captions", xlim=xlim)
         ax.legend(fontsize=8)
     return _png(fig)
 
 
-def plot_sweep(table: dict[str, np.ndarray], sweep: Sweep, threshold: float) -> str:
+def plot_sweep(table: dict[str, np.ndarray], sweep: Sweep, threshold: float, kind: ScoreKind = PROBABILITY,
+               xlim: tuple[float, float] = (0.0, 1.0)) -> str:
     fig, (ax,) = _figure()
     t = table["threshold"]
     for key, total, label in (("images_kept", sweep.images, "images kept"),
@@ -354,18 +396,20 @@ def plot_sweep(table: dict[str, np.ndarray], sweep: Sweep, threshold: float) -> 
             ax.plot(t, table[key] / total, label=label)
     ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"run's threshold {threshold:g}")
     policy = sweep.policy + (f", keep top {sweep.keep_top}" if sweep.policy == "blip2" else "")
-    ax.set(title=f"keep rate against the threshold (policy {policy})", xlabel="threshold", ylabel="share kept",
-           xlim=(0, 1), ylim=(0, 1.02))
+    ax.set(title=f"keep rate against the threshold (policy {policy})", xlabel=f"threshold ({SCORE_LABELS[kind]})",
+           ylabel="share kept", xlim=(max(0.0, xlim[0]), xlim[1]), ylim=(0, 1.02))
     ax.legend(fontsize=8)
     return _png(fig)
 
 
-def plot_precision_recall(table: dict[str, np.ndarray], threshold: float) -> str:
+def plot_precision_recall(table: dict[str, np.ndarray], threshold: float, kind: ScoreKind = PROBABILITY,
+                          xlim: tuple[float, float] = (0.0, 1.0)) -> str:
     fig, (ax,) = _figure()
     ax.plot(table["threshold"], table["precision"], label="precision of the removals")
     ax.plot(table["threshold"], table["recall"], label="recall of planted noise")
     ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"run's threshold {threshold:g}")
-    ax.set(title="web captions removed vs planted noise", xlabel="threshold", xlim=(0, 1), ylim=(0, 1.02))
+    ax.set(title="web captions removed vs planted noise", xlabel=f"threshold ({SCORE_LABELS[kind]})",
+           xlim=(max(0.0, xlim[0]), xlim[1]), ylim=(0, 1.02))
     ax.legend(fontsize=8)
     return _png(fig)
 
@@ -407,10 +451,11 @@ def build_page(out: Path, result: _Scan) -> dict[str, Any]:
     settings, sweep, totals = result.settings, result.sweep, result.totals
     selection = settings.get("selection") or {}
     threshold = float(selection.get("threshold", 0.5))
+    kind, xlim = result.kind, score_range(result.kind, result.seen)
     table = sweep.table()
     ground = "precision" in table
     rows = []
-    for t in sorted(set(SWEEP_TABLE) | {threshold}):
+    for t in sorted(set(COSINE_SWEEP_TABLE if kind == COSINE else SWEEP_TABLE) | {threshold}):
         j = int(np.searchsorted(table["threshold"], t))  # every one of these is on the grid
         rows.append({"threshold": t, "run": t == threshold,
                      "images": _rate(int(table["images_kept"][j]), sweep.images),
@@ -420,12 +465,13 @@ def build_page(out: Path, result: _Scan) -> dict[str, Any]:
                      "recall": table["recall"][j] if ground else None})
     plots = []
     if sweep.images:
-        plots.append({"id": "histograms", "title": "Score histograms",
-                      "src": plot_histograms(result.hist, threshold)})
-        plots.append({"id": "sweep", "title": "Threshold sweep", "src": plot_sweep(table, sweep, threshold)})
+        plots.append({"id": "histograms", "title": f"Score histograms ({SCORE_LABELS[kind]})",
+                      "src": plot_histograms(result.hist, threshold, kind, xlim)})
+        plots.append({"id": "sweep", "title": "Threshold sweep",
+                      "src": plot_sweep(table, sweep, threshold, kind, xlim)})
     if ground:
         plots.append({"id": "precision-recall", "title": "Precision and recall against the planted noise",
-                      "src": plot_precision_recall(table, threshold)})
+                      "src": plot_precision_recall(table, threshold, kind, xlim)})
     roc = sweep.roc()
     if roc is not None:
         plots.append({"id": "roc", "title": "ROC", "src": plot_roc(*roc)})
@@ -452,6 +498,7 @@ def build_page(out: Path, result: _Scan) -> dict[str, Any]:
         "captioner": (settings.get("captioner") or {}).get("model"),
         "filter": (settings.get("filter") or {}).get("model"), "selected_from": settings.get("selected_from"),
         "calibrated": ((settings.get("filter") or {}).get("calibration") or {}).get("score"),
+        "score_label": SCORE_LABELS[kind], "cosine": kind == COSINE,
         "totals": totals, "errors": sorted(totals["errors"].items()), "error_total": sum(totals["errors"].values()),
         "rates": {"images": _rate(totals["written"], totals["read"]),
                   "web": _rate(totals["web_kept"], sweep.web),

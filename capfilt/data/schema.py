@@ -38,6 +38,20 @@ NO_RECORDED_SCORES = "no_recorded_scores"
 # A dropped row: no caption of the image passed the filter.
 ALL_BELOW_THRESHOLD = "all_captions_below_threshold"
 
+# What a filter's scores are. A probability: P(match), from an ITM head, SigLIP's sigmoid or a calibration, where
+# 0.5 means a match and a mismatch are equally likely. A cosine: a CLIP model's image-text cosine similarity (the
+# DataComp "CLIP score"), in [-1, 1] on a scale of its own, which each CLIP model sets differently.
+ScoreKind = Literal["probability", "cosine"]
+PROBABILITY: ScoreKind = "probability"
+COSINE: ScoreKind = "cosine"
+SCORE_LABELS = {PROBABILITY: "P(match)", COSINE: "cosine similarity (CLIP score)"}
+
+
+def score_kind(settings: dict[str, Any]) -> ScoreKind:
+    """The kind of score a run's manifest settings record. No key: a probability, as every run wrote before
+    cosine filters existed (so those outputs still resume)."""
+    return (settings.get("filter") or {}).get("score_kind", PROBABILITY)
+
 ROW_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -65,7 +79,8 @@ def shard_files(shard: str) -> list[str]:
 
 @dataclass
 class Candidate:
-    """One caption of an image. `score` is P(match) from the filter; `kept` is set by the selection."""
+    """One caption of an image. `score` is the filter's (P(match), or a CLIP cosine: `ScoreKind`); `kept` is set
+    by the selection."""
 
     caption: str
     source: Literal["web", "synthetic", "human"]  # human: an annotator's caption (the demo's training shards)
@@ -74,9 +89,10 @@ class Candidate:
 
 
 def capfilt_block(candidates: list[Candidate], captioner: str | None, filter: str | None,
-                  selection: dict[str, Any] | None) -> dict[str, Any]:
+                  selection: dict[str, Any] | None, kind: ScoreKind = PROBABILITY) -> dict[str, Any]:
     """The json `capfilt` block of a written sample: every candidate with its source, score and verdict, the
-    models that made and judged them, and the selection (policy, threshold, keep_top for blip2) when judged."""
+    models that made and judged them, and the selection (policy, threshold, keep_top for blip2) when judged;
+    `score_kind` when the scores are not probabilities (absent: P(match), as before cosine filters existed)."""
     block: dict[str, Any] = {
         "candidates": [{"caption": c.caption, "source": c.source, "score": c.score, "kept": c.kept}
                        for c in candidates],
@@ -87,6 +103,8 @@ def capfilt_block(candidates: list[Candidate], captioner: str | None, filter: st
         block.update(policy=selection["policy"], threshold=selection["threshold"])
         if selection["policy"] == "blip2":
             block["keep_top"] = selection["keep_top"]
+        if kind != PROBABILITY:
+            block["score_kind"] = kind
     return block
 
 
