@@ -211,6 +211,31 @@ def test_calibrate_fits_each_filters_raw_score_and_filter_uses_it(filters, human
     assert {r["key"]: r["web_score"] for r in rows} == pytest.approx(expected, abs=1e-6)
 
 
+def test_metaclip_2_scores_its_cosine(filters, tmp_path):
+    """No real MetaCLIP 2 files are at hand: a tiny MetaClip2Model from its config class's defaults (narrowed),
+    with the CLIP checkpoint's tokenizer and processor as stand-ins for its own (XLM-V's vocabulary)."""
+    import shutil
+
+    from transformers import MetaClip2Config, MetaClip2Model
+
+    path = tmp_path / "metaclip2"
+    shutil.copytree(filters["clip"], path)
+    narrow = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1)
+    torch.manual_seed(0)
+    model = MetaClip2Model(MetaClip2Config(
+        text_config={**narrow, "vocab_size": 49408, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1},
+        vision_config={**narrow, "image_size": 224, "patch_size": 32}, projection_dim=16)).eval()
+    model.save_pretrained(path)
+    scorer = Scorer(ScorerConfig(model=str(path), device="cpu"))
+    assert scorer.cosine and scorer.raw_scores == ("cosine",)
+    images, texts = _images_and_texts(1)
+    ours = scorer(scorer.image_transform(images), texts)[0]
+    with torch.no_grad():
+        tokens = scorer.tokenizer(texts[0], padding=True, truncation=True, max_length=77, return_tensors="pt")
+        logits = model(pixel_values=scorer.image_transform(images), **tokens).logits_per_image[0]
+    assert ours == pytest.approx((logits / model.logit_scale.exp()).tolist(), abs=1e-5)
+
+
 def test_a_calibration_of_another_filters_score_is_one_line(filters, corpus, tmp_path):
     (tmp_path / "itm.json").write_text(Calibration(score="itm", slope=1.0, bias=0.0, filter="blip", specs=[],
                                                    clean_text=False, auc={}, pairs={}, at_half={}).to_json())
