@@ -25,7 +25,7 @@ log = logging.getLogger("bench.report")
 
 
 def make_output(root: Path, rows: int, per_shard: int, seed: int = 0) -> Path:
-    from capfilt.bootstrap.pipeline import input_location, write_candidates
+    from capfilt.bootstrap.outcome import input_location, write_candidates
     from capfilt.data import reader
     from capfilt.data.schema import Candidate
     from capfilt.data.synth import write_synth
@@ -35,10 +35,12 @@ def make_output(root: Path, rows: int, per_shard: int, seed: int = 0) -> Path:
     inputs, out = root / "in", root / "out"
     write_synth(inputs, SynthConfig(n=rows, per_shard=per_shard, noise=0.3, size=32, seed=seed))
     selection = SelectionConfig(threshold=0.5)
+    urls = reader.expand_specs([str(inputs)])
     prepare_output(out, {"bench": "report", "captioner": {"model": "bench-captioner"},
-                         "filter": {"model": "bench-filter"}, "selection": dict(selection.__dict__)}, False)
+                         "filter": {"model": "bench-filter"}, "selection": dict(selection.__dict__)}, False,
+                   [reader.shard_name(u) for u in urls])
     rng = random.Random(seed)
-    for url in reader.expand_specs([str(inputs)]):
+    for url in urls:
         writer = ShardWriter(out, reader.shard_name(url))
         for sample in reader.read_shard(url):
             writer.stats.read += 1
@@ -56,7 +58,7 @@ def make_output(root: Path, rows: int, per_shard: int, seed: int = 0) -> Path:
 def measure(out: Path) -> dict:
     """Report `out` in a fresh process; its wall time and its own peak RSS."""
     code = ("import json, resource, time, sys; t = time.perf_counter();"
-            "from capfilt.bootstrap.report import ReportConfig, write_report;"
+            "from capfilt.bootstrap.report import write_report; from capfilt.settings import ReportConfig;"
             f"p = write_report(ReportConfig(out={str(out)!r}));"
             "print(json.dumps({'seconds': time.perf_counter() - t, 'peak_rss_mib': "
             "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'page_kib': p.stat().st_size / 1024}))")

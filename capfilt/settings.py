@@ -147,8 +147,8 @@ class ScorerConfig:
                                             "similarity, whichever separated them better; of CLIP's cosine; of "
                                             "SigLIP's logit). None: the filter's own score.", panel=FILTER,
                                     path=True)
-    device: str = setting("auto", "auto, cpu, cuda or cuda:N.", panel=RUN)
-    dtype: str = setting("fp32", "Model precision: fp32, bf16 or fp16.", panel=RUN)
+    device: str = shared(CaptionerConfig, "device")  # one --device and --dtype for both models
+    dtype: str = shared(CaptionerConfig, "dtype")
 
     def __post_init__(self):
         check_dtype(self.dtype)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import demo_samples, png_bytes, write_tar
+from helpers import demo_samples, png_bytes, write_tar
 from typer.testing import CliRunner
 
 from capfilt.bootstrap.calibrate import calibrate, calibration_pairs, fit_logistic

@@ -12,13 +12,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO, demo_samples, mixed_shards, read_json, tar_members, write_tar
-from typer.testing import CliRunner
+from helpers import REPO, cli, counts, demo_samples, mixed_shards, outputs, read_json, tar_members, write_tar
 
 from capfilt.bootstrap import pipeline
 from capfilt.bootstrap.pipeline import run
 from capfilt.bootstrap.selection import DEFAULT_THRESHOLDS
-from capfilt.cli import app
 from capfilt.data.reader import decode_image
 from capfilt.data.schema import COSINE, MANIFEST, PROBABILITY
 from capfilt.models.captioner import Captioner
@@ -32,10 +30,6 @@ LONG = " ".join(["a small red square next to a big blue circle on the grass"] * 
 @pytest.fixture(scope="module")
 def filters(tmp_path_factory) -> dict[str, str]:
     return build_dual_encoders(REPO / "tests" / "hub_files", tmp_path_factory.mktemp("dual"))
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def _images_and_texts(n: int = 3):
@@ -289,15 +283,6 @@ def test_the_threshold_help_states_the_defaults_it_resolves_to():
 # ------------------------------------------------------------------------------------------------ resume
 
 
-def _outputs(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.suffix in (".tar", ".parquet")}
-
-
-def _counts(out: Path) -> dict[str, dict]:
-    drop = ("duration_s", "samples_per_s")
-    return {p.name: {k: v for k, v in read_json(p).items() if k not in drop} for p in out.glob("*_stats.json")}
-
-
 def test_a_killed_run_with_a_clip_filter_resumes_to_the_same_bytes(filters, tiny_models, tmp_path, monkeypatch):
     shards = mixed_shards(tmp_path / "in")
     stages = (Captioner(CaptionerConfig(model=tiny_models["blip_captioner"], num_captions=2, device="cpu")),
@@ -325,6 +310,6 @@ def test_a_killed_run_with_a_clip_filter_resumes_to_the_same_bytes(filters, tiny
     assert 0 < len(done_before) < 4
     summary = whole(out)
     assert summary.shards_skipped == len(done_before)
-    assert _outputs(out) == _outputs(tmp_path / "reference")
-    assert _counts(out) == _counts(tmp_path / "reference")
+    assert outputs(out) == outputs(tmp_path / "reference")
+    assert counts(out) == counts(tmp_path / "reference")
     assert read_json(out / MANIFEST)["settings"]["filter"]["score_kind"] == COSINE

@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 
 from capfilt.errors import CapfiltError
-from capfilt.models.qformer import QFormerModel, attach_language_model, build_stage1
+from capfilt.models.qformer import QFormerModel
 from capfilt.settings import QFormerShape
 from capfilt.testing import WORDS, _bert_tokenizer, _image_processor, _llm_tokenizer
 from capfilt.train.export import export
+from capfilt.train.parts import attach_language_model, build_stage1
 
 SHAPE = QFormerShape(hidden_size=32, num_layers=2, num_heads=2, num_query_tokens=4, embed_dim=16,
                      max_text_length=16, dropout=0.0)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import demo_samples, write_tar
+from helpers import demo_samples, write_tar
 from PIL import Image
 from transformers import (
     AutoProcessor,

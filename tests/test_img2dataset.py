@@ -17,7 +17,7 @@ import img2dataset_env
 import pyarrow.dataset
 import pytest
 import webdataset as wds
-from conftest import demo_samples
+from helpers import demo_samples
 from typer.testing import CliRunner
 
 from capfilt.cli import app

@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from conftest import demo_samples
+from helpers import demo_samples
 from transformers import Blip2ForImageTextRetrieval, BlipForImageTextRetrieval
 
 from capfilt import CapfiltError

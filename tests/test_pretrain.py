@@ -20,11 +20,10 @@ from capfilt.data.pairs import PairStream
 from capfilt.data.synth import write_synth
 from capfilt.models.captioner import Captioner
 from capfilt.models.loading import ImageTransform
-from capfilt.models.qformer import build_stage1, qformer_tokenizer
 from capfilt.settings import CaptionerConfig, OptimConfig, QFormerShape, SynthConfig
 from capfilt.testing import build_tiny_qformer_parts
 from capfilt.train.evaluate import evaluate
-from capfilt.train.parts import Parts, Tokenize, load_parts, save_parts
+from capfilt.train.parts import Parts, Tokenize, build_stage1, load_parts, qformer_tokenizer, save_parts
 from capfilt.train.pretrain import fit
 from capfilt.train.rundir import TRAINER_STATE, save_checkpoint
 

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from capfilt.data.pairs import PairBatch
 from capfilt.models import losses
-from capfilt.models.qformer import QFormerModel, attach_language_model, build_stage1, qformer_tokenizer
+from capfilt.models.qformer import QFormerModel
 from capfilt.settings import QFormerShape
 from capfilt.testing import build_tiny_qformer_parts
-from capfilt.train.parts import Tokenize
+from capfilt.train.parts import Tokenize, attach_language_model, build_stage1, qformer_tokenizer
 
 SHAPE = QFormerShape(hidden_size=32, num_layers=2, num_heads=2, num_query_tokens=4, embed_dim=16, dropout=0.0,
                      initializer_range=0.2)

@@ -1,7 +1,7 @@
 """Shard specs and reading: every kind of bad input becomes a reason, good samples around it survive."""
 
 import pytest
-from conftest import bad_samples, demo_samples, png_bytes, strip_none, truncate, write_tar
+from helpers import bad_samples, demo_samples, png_bytes, strip_none, truncate, write_tar
 
 from capfilt import CapfiltError
 from capfilt.data import reader

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, bad_samples, read_json, strip_none, write_tar
+from helpers import REPO, bad_samples, read_json, strip_none, write_tar
 from PIL import Image
 from typer.testing import CliRunner
 
-from capfilt.bootstrap import report
+from capfilt.bootstrap import report, tally
 from capfilt.bootstrap.pipeline import run
 from capfilt.bootstrap.selection import select
 from capfilt.cli import app
@@ -70,7 +70,7 @@ def direct_counts(rows, config: SelectionConfig) -> tuple[int, int, int]:
 def test_threshold_sweep_matches_a_direct_count_on_the_parquet(corpus):
     _, out, threshold = corpus
     rows = parquet_rows(out)
-    result = report.scan(out, samples=0, seed=0)
+    result = tally.scan(out, samples=0, seed=0)
     table = result.sweep.table()
     # 60 synth, 4 usable of the bad shard (one image-only)
     assert result.sweep.images == sum(r["status"] != "error" for r in rows) == 64
@@ -88,7 +88,7 @@ def test_threshold_sweep_matches_a_direct_count_on_the_parquet(corpus):
     assert table["synthetic_kept"][j] == sum(s["synthetic_kept"] for s in stats)
 
     # BLIP-2's top-k policy over the same scores: a sweep fed the rows counts what select keeps.
-    sweep = report.Sweep(report.threshold_grid(threshold), "blip2", keep_top=1)
+    sweep = tally.Sweep(tally.threshold_grid(threshold), "blip2", keep_top=1)
     for row in rows:
         if row["status"] != "error":
             sweep.add(row["web_score"], row["synthetic_scores"])
@@ -100,9 +100,9 @@ def test_threshold_sweep_matches_a_direct_count_on_the_parquet(corpus):
 
 def test_sweep_breaks_ties_and_equal_scores_as_select_does():
     rng = random.Random(0)
-    grid = report.threshold_grid(0.5)
+    grid = tally.threshold_grid(0.5)
     for policy, keep_top in (("blip", 2), ("blip2", 1), ("blip2", 2)):
-        sweep, rows = report.Sweep(grid, policy, keep_top), []
+        sweep, rows = tally.Sweep(grid, policy, keep_top), []
         for _ in range(300):  # scores on the grid itself, with many ties: the edge cases of >= and ranking
             web, synthetic = rng.choice(grid[::10]), [rng.choice(grid[::10]) for _ in range(rng.randrange(4))]
             sweep.add(float(web), [float(s) for s in synthetic])
@@ -117,10 +117,10 @@ def test_sweep_breaks_ties_and_equal_scores_as_select_does():
 
 def test_precision_recall_and_roc_against_a_direct_count_of_the_ground_truth(corpus):
     inputs, out, threshold = corpus
-    result = report.scan(out, samples=0, seed=0)
+    result = tally.scan(out, samples=0, seed=0)
     table = result.sweep.table()
-    truth = {s.key: report.ground_truth(s.meta) for p in sorted(inputs.glob("*.tar")) for s in read_shard(str(p))
-             if s.error is None and report.ground_truth(s.meta) is not None}
+    truth = {s.key: tally.ground_truth(s.meta) for p in sorted(inputs.glob("*.tar")) for s in read_shard(str(p))
+             if s.error is None and tally.ground_truth(s.meta) is not None}
     rows = [r for r in parquet_rows(out) if r["key"] in truth and r["status"] != "error"]
     # 60 synth samples (18 planted) and the two demo photos of the bad shard (capfilt_demo.noisy, clean);
     # its third good sample has no ground truth and is left out, not counted clean.
@@ -192,7 +192,7 @@ def test_report_page_is_self_contained_and_shows_every_part(corpus, tmp_path):
     assert "synth-00000" in text and "bad-00000" in text  # shard table
 
     # Dropped images are the input shards' images, since the output tars do not hold them.
-    result = report.scan(out, samples=5, seed=1)
+    result = tally.scan(out, samples=5, seed=1)
     report.attach_images(out, result)
     inputs_by_key = {s.key: s.image for p in sorted(inputs.glob("*.tar")) for s in read_shard(str(p))}
     for item in result.buckets["dropped"].items:
@@ -202,7 +202,7 @@ def test_report_page_is_self_contained_and_shows_every_part(corpus, tmp_path):
 def test_gallery_draw_is_seeded(corpus):
     _, out, _ = corpus
     def keys(seed):
-        result = report.scan(out, samples=4, seed=seed)
+        result = tally.scan(out, samples=4, seed=seed)
         return {b: [(i["shard"], i["key"]) for i in r.items] for b, r in result.buckets.items()}
     assert keys(3) == keys(3)
     assert keys(3) != keys(4)

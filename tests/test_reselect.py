@@ -1,22 +1,17 @@
 """`capfilt select`: the recorded scores re-selected without models equal a full run at the new settings."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import demo_samples, mixed_shards, read_json, tar_members, write_tar
-from typer.testing import CliRunner
+from helpers import REPO, cli, counts, demo_samples, mixed_shards, outputs, read_json, tar_members, write_tar
 
-from capfilt.cli import app
 from capfilt.data.schema import MANIFEST, ROW_SCHEMA
-
-runner = CliRunner()
-TIMINGS = ("duration_s", "samples_per_s")
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture
@@ -28,14 +23,6 @@ def bootstrap(shards, out, models, *extra):
     result = cli("bootstrap", shards, "--out", out, "--captioner", models["blip_captioner"], "--filter",
                  models["blip_itm"], "--num-captions", 2, "--batch-size", 4, "--workers", 0, "--quiet", *extra)
     assert result.exit_code == 0, result.output
-
-
-def outputs(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.suffix in (".tar", ".parquet")}
-
-
-def counts(out: Path) -> dict[str, dict]:
-    return {p.name: {k: v for k, v in read_json(p).items() if k not in TIMINGS} for p in out.glob("*_stats.json")}
 
 
 def statuses(out: Path) -> dict[str, str]:
@@ -123,3 +110,23 @@ def test_select_help_explains_it():
     assert result.exit_code == 0
     for words in ("--from", "no model", "no_recorded_scores", "--threshold"):
         assert words in result.output
+
+
+def _modules_after(code: str) -> set[str]:
+    """The modules a fresh interpreter holds after running `code` (this checkout first on its path)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", f"{code}\nimport json, sys; print(json.dumps(sorted(sys.modules)))"],
+                          env=env, capture_output=True, text=True, check=True, timeout=120)
+    return set(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_select_loads_no_model_code():
+    """`capfilt select` starts without the models and transformers: its module, and the CLI asked for its help."""
+    model_code = ("transformers", "capfilt.models", "capfilt.bootstrap.pipeline")
+    imported = _modules_after("import capfilt.bootstrap.reselect")
+    assert "capfilt.bootstrap.outcome" in imported
+    assert not [m for m in imported if m.startswith(model_code)]
+    helped = _modules_after("from typer.testing import CliRunner\nfrom capfilt.cli import app\n"
+                            "assert CliRunner().invoke(app, ['select', '--help']).exit_code == 0")
+    assert "capfilt.cli" in helped
+    assert not [m for m in helped if m.startswith(model_code)]

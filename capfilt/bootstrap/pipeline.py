@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,21 +21,11 @@ import torch
 from tqdm.auto import tqdm
 
 from capfilt.bootstrap.claims import Claims, job_id
-from capfilt.bootstrap.selection import kind_of, resolve, select, unique_candidates
+from capfilt.bootstrap.outcome import RunSummary, input_location, write_candidates
+from capfilt.bootstrap.selection import kind_of, resolve, unique_candidates
 from capfilt.data import reader
 from capfilt.data.reader import Batch, Sample, ShardEnd, ShardStream
-from capfilt.data.schema import (
-    ALL_BELOW_THRESHOLD,
-    DROPPED,
-    ERROR,
-    MISSING_CAPTION,
-    OK,
-    PROBABILITY,
-    ScoreKind,
-    capfilt_block,
-    read_block,
-    stats_path,
-)
+from capfilt.data.schema import ERROR, MISSING_CAPTION, PROBABILITY, ScoreKind, stats_path
 from capfilt.data.text import clean_caption
 from capfilt.data.writer import OVERWRITE_ALONE, ShardWriter, all_done, check_apart_from_inputs, prepare_output
 from capfilt.errors import CapfiltError
@@ -47,24 +36,6 @@ from capfilt.models.towers import one_tower_pass, same_vision_tower
 from capfilt.settings import RunConfig, SelectionConfig
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RunSummary:
-    """What this invocation did; `capfilt.bootstrap.stats.summarize(out)` reports on the whole output."""
-
-    out: str
-    shards_skipped: int  # already done by an earlier run
-    shards_done: int = 0
-    shards_failed: dict[str, str] = field(default_factory=dict)
-    samples: int = 0
-    written: int = 0
-    duration_s: float = 0.0
-
-    def add(self, stats: dict[str, Any]) -> None:
-        self.shards_done += 1
-        self.samples += stats["read"]
-        self.written += stats["written"]
 
 
 def batch_seed(seed: int, shard: str, index: int) -> int:
@@ -174,11 +145,6 @@ class _JobView:
 
     def close(self) -> None:
         self.bar.close()
-
-
-def input_location(url: str) -> str:
-    """A shard URL as the stats record it: local paths made absolute, so the output can be read from anywhere."""
-    return os.path.abspath(url) if reader.local_file(url) == url else url
 
 
 @dataclass
@@ -339,35 +305,3 @@ def _score(pixels, candidates, stages: _Stages) -> None:
     for cands, row in zip(candidates, scores):
         for c, score in zip(cands, row):
             c.score = score
-
-
-def write_candidates(writer: ShardWriter, sample: Sample, cands, selection: SelectionConfig,
-                     captioner_id: str | None, filter_id: str | None, kind: ScoreKind = PROBABILITY) -> None:
-    """A good sample's parquet row, and its tar sample unless dropped; selects first when it was scored
-    (`filter_id` given). `run` and `capfilt select` both write through here, so their bytes agree."""
-    stats = writer.stats
-    scored = filter_id is not None
-    kept = select(cands, selection) if scored else cands
-    web = next((c for c in cands if c.source == "web"), None)  # None: an image-only sample
-    synthetic = [c for c in cands if c.source == "synthetic"]
-    row = dict(key=sample.key, detail=sample.detail or None, web_caption=web.caption if web else None,
-               web_score=web.score if web else None, synthetic_captions=[c.caption for c in synthetic],
-               synthetic_scores=[c.score for c in synthetic] if scored else None,
-               kept_captions=[c.caption for c in kept] if scored else None)
-    if not kept:
-        stats.dropped += 1
-        writer.add_row(status=DROPPED, reason=ALL_BELOW_THRESHOLD, **row)
-        return
-    stats.written += 1
-    if scored:
-        stats.web_kept += int(web is not None and bool(web.kept))
-        stats.synthetic_kept += sum(bool(c.kept) for c in synthetic)
-    writer.write_sample(sample.key, sample.image, sample.image_ext, kept[0].caption,
-                        _output_meta(sample, cands, captioner_id, filter_id, selection, kind))
-    writer.add_row(status=OK, **row)
-
-
-def _output_meta(sample: Sample, cands, captioner_id: str | None, filter_id: str | None,
-                 selection: SelectionConfig, kind: ScoreKind) -> dict[str, Any]:
-    captioner = captioner_id if captioner_id is not None else read_block(sample.meta).get("captioner")
-    return {**sample.meta, "capfilt": capfilt_block(cands, captioner, filter_id, dict(selection.__dict__), kind)}

@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from capfilt.bootstrap.pipeline import RunSummary, input_location, write_candidates
+from capfilt.bootstrap.outcome import RunSummary, input_location, write_candidates
 from capfilt.data import reader
 from capfilt.data.schema import ERROR, MANIFEST, NO_RECORDED_SCORES, Candidate, score_kind, stats_path
 from capfilt.data.text import clean_caption

@@ -10,8 +10,9 @@ The image encoder can be any Hugging Face vision tower (CLIP, SigLIP, ViT, DINOv
 EfficientNet-Lite0. Its final LayerNorm, when it has one, is moved out of the frozen tower into the trainable
 `ln_vision` (BLIP-2's "trainable LayerNorm on the frozen ViT"), starting from the pretrained values.
 
-One file of over 500 lines on purpose, as transformers keeps one file per model: config, model, the stage-1 and
-stage-2 forwards and building from parts read top to bottom, and a split would scatter one model.
+The config and the model read top to bottom here, as transformers keeps one file per model; building one from
+parts (a pretrained tower, a BERT init, attaching an LLM) lives in `capfilt/train/parts.py`, as transformers
+keeps its conversion scripts apart from its modeling files.
 
 A saved model is one `from_pretrained` directory holding all of it, frozen parts included, so a run
 directory serves as `--captioner` and `--filter` as it is.
@@ -19,7 +20,6 @@ directory serves as `--captioner` and `--filter` as it is.
 
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass
 
@@ -31,7 +31,6 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
-    AutoModelForMaskedLM,
     LogitsProcessorList,
     MinNewTokensLengthLogitsProcessor,
     PreTrainedConfig,
@@ -41,7 +40,6 @@ from transformers import (
     TopPLogitsWarper,
 )
 from transformers import initialization as init
-from transformers import logging as hf_logging
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.blip.modeling_blip import BlipVisionModel
@@ -53,8 +51,6 @@ from capfilt.models import (
     efficientnet,  # noqa: F401  importing it registers it with AutoConfig / AutoModel
     losses,
 )
-from capfilt.models.loading import load_config, load_image_transform, load_tokenizer
-from capfilt.settings import QFormerShape
 
 MODEL_TYPE = "capfilt-qformer"
 LLM_TOKENIZER = "llm_tokenizer"  # a stage-2 model's LLM tokenizer, beside the Q-Former's at the root
@@ -391,152 +387,3 @@ class QFormerModel(PreTrainedModel):
 
 AutoConfig.register(MODEL_TYPE, QFormerConfig)
 AutoModel.register(QFormerConfig, QFormerModel)
-
-
-# ----------------------------------------------------------------------------------------------- building
-
-
-def load_vision_tower(name: str) -> PreTrainedModel:
-    """A pretrained vision tower by Hub id or local dir (a vision model, or a composite like CLIP / BLIP-2 whose
-    `vision_config` is taken), or EfficientNet-Lite0 weights in their original `.pth` layout."""
-    if name.endswith(".pth"):
-        return efficientnet.load_lukemelas_checkpoint(name)
-    config = load_config(name, "vision tower")
-    vision_config = getattr(config, "vision_config", None) or config
-    cls = vision_class(vision_config)
-    if cls is None:
-        raise CapfiltError(f"vision tower {name!r} is a {config.model_type!r} checkpoint, not a vision model")
-    tower, info = cls.from_pretrained(name, config=vision_config, output_loading_info=True)
-    if vision_config is not config and len(info["missing_keys"]) == len(tower.state_dict()):
-        # Composites like BLIP-2 keep the tower under `vision_model.` while its own class does not.
-        tower = cls.from_pretrained(name, config=vision_config, key_mapping={r"^vision_model\.": ""})
-    return tower.eval()
-
-
-def vision_image_processor(name: str, tower: PreTrainedModel):
-    """The preprocessing the tower was trained with, saved into every run directory."""
-    if isinstance(tower, efficientnet.EfficientNetLiteModel):
-        return efficientnet.image_processor(tower.config)
-    return load_image_transform(name, tower.config).processor
-
-
-def qformer_tokenizer(name: str):
-    """A BERT-style tokenizer with BLIP-2's `[DEC]` added as its bos token (ITG's first token)."""
-    tokenizer = load_tokenizer(name, "Q-Former tokenizer")
-    if tokenizer.bos_token != "[DEC]":
-        tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-    if tokenizer.cls_token is None or tokenizer.pad_token is None:
-        raise CapfiltError(f"Q-Former tokenizer {name!r} needs [CLS] and [PAD] tokens (a BERT-style tokenizer)")
-    return tokenizer
-
-
-def train_qformer_tokenizer(texts, vocab_size: int = 8000):
-    """A BERT-style WordPiece tokenizer (lowercase; [PAD] [UNK] [CLS] [SEP] [MASK] [DEC]) trained on `texts`,
-    for when no BERT vocabulary is at hand (offline): BLIP-2's Q-Former uses bert-base-uncased's."""
-    from tokenizers import BertWordPieceTokenizer
-    from transformers import BertTokenizerFast
-
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1,
-                                  special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"])
-    return BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, bos_token="[DEC]", pad_token="[PAD]",
-                             unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-
-
-def build_stage1(vision: str, tokenizer, shape: QFormerShape) -> QFormerModel:
-    """A new stage-1 model: the pretrained tower (its final norm moved into ln_vision), a fresh or BERT-seeded
-    Q-Former sized for `tokenizer`."""
-    tower = load_vision_tower(vision)
-    qformer_config = Blip2QFormerConfig(
-        vocab_size=len(tokenizer), hidden_size=shape.hidden_size, num_hidden_layers=shape.num_layers,
-        num_attention_heads=shape.num_heads, intermediate_size=4 * shape.hidden_size,
-        cross_attention_frequency=shape.cross_attention_frequency, pad_token_id=tokenizer.pad_token_id,
-        hidden_dropout_prob=shape.dropout, attention_probs_dropout_prob=shape.dropout,
-        max_position_embeddings=max(512, shape.max_text_length))
-    bert = None
-    if shape.init_from is not None:
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # a sentence encoder (MiniLM) has no LM head: its report is expected
-        try:
-            bert = AutoModelForMaskedLM.from_pretrained(shape.init_from)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        b = bert.config
-        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                    "max_position_embeddings", "layer_norm_eps"):
-            setattr(qformer_config, key, getattr(b, key))
-    config = QFormerConfig(vision_config=tower.config.to_dict(), qformer_config=qformer_config,
-                           num_query_tokens=shape.num_query_tokens, embed_dim=shape.embed_dim,
-                           max_text_length=shape.max_text_length, decoder_token_id=tokenizer.bos_token_id,
-                           initializer_range=shape.initializer_range, text_pooling=shape.text_pooling)
-    model = QFormerModel(config)
-    norm = take_final_norm(tower)
-    model.vision_model.load_state_dict(tower.state_dict())
-    if norm is not None:
-        model.ln_vision.load_state_dict(norm.state_dict())
-    if bert is not None:
-        _load_bert(model, bert.state_dict())
-    return model
-
-
-# Q-Former parameter -> BERT (masked-LM) parameter; both feed-forward paths start from BERT's one.
-BERT_KEYS = [
-    (r"^embeddings\.(word|position)_embeddings\.", r"bert.embeddings.\1_embeddings."),
-    (r"^qformer\.layernorm\.", "bert.embeddings.LayerNorm."),
-    (r"^qformer\.encoder\.layer\.(\d+)\.attention\.attention\.", r"bert.encoder.layer.\1.attention.self."),
-    (r"^qformer\.encoder\.layer\.(\d+)\.attention\.output\.", r"bert.encoder.layer.\1.attention.output."),
-    (r"^qformer\.encoder\.layer\.(\d+)\.intermediate(_query)?\.", r"bert.encoder.layer.\1.intermediate."),
-    (r"^qformer\.encoder\.layer\.(\d+)\.output(_query)?\.", r"bert.encoder.layer.\1.output."),
-    (r"^itg_head\.(dense|LayerNorm)\.", r"cls.predictions.transform.\1."),
-    (r"^itg_head\.decoder\.weight$", "bert.embeddings.word_embeddings.weight"),
-    (r"^itg_head\.decoder\.bias$", "cls.predictions.bias"),
-]
-
-
-def fresh_parameter(name: str) -> bool:
-    """Whether a BERT init leaves this parameter at its random init: everything BERT_KEYS does not map
-    (cross-attention, query tokens, ITC projections and temperature, ITM head, ln_vision, the language
-    projection), and the LM-head transform and bias: a sentence encoder such as MiniLM ships none (they stay
-    random), and a real BERT's merely get the higher lr."""
-    if name.startswith("itg_head.") and name != "itg_head.decoder.weight":
-        return True
-    return not any(re.match(pattern, name) for pattern, _ in BERT_KEYS)
-
-
-def _load_bert(model: QFormerModel, bert: dict[str, torch.Tensor]) -> None:
-    """Copy BERT's weights in; the rows of tokens BERT lacks (`[DEC]`) keep their random init."""
-    state = model.state_dict()
-    with torch.no_grad():
-        for name, param in state.items():
-            for pattern, target in BERT_KEYS:
-                if re.match(pattern, name):
-                    source = bert[re.sub(pattern, target, name)]
-                    rows = min(source.shape[0], param.shape[0])
-                    param[:rows].copy_(source[:rows])
-                    break
-
-
-def attach_language_model(model: QFormerModel, llm: str, prompt: str) -> QFormerModel:
-    """Stage 2 from a stage-1 model: add the frozen causal LLM and a fresh projection to its width."""
-    config = load_config(llm, "LLM")
-    if AutoModelForCausalLM._model_mapping.get(type(config), None) is None:
-        raise CapfiltError(f"LLM {llm!r} is a {config.model_type!r} checkpoint, not a causal language model")
-    language_model = AutoModelForCausalLM.from_pretrained(llm)
-    config = copy.deepcopy(model.config)  # the stage-1 model stays a stage-1 model
-    config.text_config = language_model.config
-    config.prompt = prompt
-    stage2 = QFormerModel(config)
-    weights = {**model.state_dict(), **{f"language_model.{k}": v for k, v in language_model.state_dict().items()}}
-    result = stage2.load_state_dict(weights, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("language_projection.")]
-    if missing or result.unexpected_keys:
-        raise CapfiltError(f"LLM {llm!r} does not fit: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
-    # The new projection writes into the LLM's embedding space: start the visual prompt at the size of a word
-    # embedding (the Q-Former's outputs leave a LayerNorm at unit scale). Drawn at the Q-Former's own init
-    # instead, a wide from-scratch Q-Former made it ~12x larger, and the frozen LLM answered with gibberish.
-    with torch.no_grad():
-        word_scale = language_model.get_input_embeddings().weight.float().std().item()
-        projection = stage2.language_projection
-        projection.weight.normal_(0.0, word_scale / projection.in_features**0.5)
-        projection.bias.zero_()
-    return stage2

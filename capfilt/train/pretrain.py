@@ -28,9 +28,9 @@ from capfilt.data.pairs import PairStream, load_pairs
 from capfilt.data.reader import expand_specs
 from capfilt.errors import CapfiltError
 from capfilt.models.loading import ImageTransform, resolve_device
-from capfilt.models.qformer import QFormerModel, fresh_parameter
+from capfilt.models.qformer import QFormerModel
 from capfilt.settings import OptimConfig, PretrainConfig
-from capfilt.train.parts import Parts, Tokenize, build
+from capfilt.train.parts import Parts, Tokenize, build, fresh_parameter
 from capfilt.train.rundir import (
     METRICS,
     SETTINGS,

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import demo_samples, read_json, write_tar
+from helpers import demo_samples, read_json, write_tar
 from typer.testing import CliRunner
 
 from capfilt.bootstrap.claims import Claims, job_id
