@@ -30,6 +30,13 @@ rss     Peak resident memory of an end-to-end `bootstrap` in a fresh process (`-
     python bench/bootstrap.py --size blip-base --dtype bf16 --batch-size 16,32,64,128 --copies 16 --workers 8 \
         --parts ratio,naive                       # on a GPU: images/s, GPU memory, ratio per batch size
 
+vlm     A tiny VLM captioner (`--vlm`, default qwen2_vl; built by `capfilt.testing.build_vlm` from the real Hub
+        files in tests/hub_files, depth and width shrunk) with BLIP's tiny ITM filter: end-to-end against
+        compute-only, as ratio. Beside it, the model's own processor (the real preprocessing settings: Qwen2-VL's
+        dynamic resolution and patching, Idefics3's 512 px crops) and BLIP's transform, each in img/s on one
+        core (one torch thread, as a DataLoader worker has), over `--naive-images` demo photos: how many worker
+        cores a GPU generating at a given rate needs. Not in the default parts.
+
 tower   BLIP-2's pair on one frozen tower (a captioner, and a filter given the captioner's tower weights, as
         BLIP-2's stage-1 filter and stage-2 captioner are): compute-only img/s with the tower shared (once per
         batch, as `bootstrap` does) against two separate copies of it. Not in the default parts.
@@ -59,21 +66,28 @@ import torch
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor
 
 from capfilt.bootstrap.launch import run_job
-from capfilt.bootstrap.pipeline import batch_seed, run, shared_transforms
+from capfilt.bootstrap.pipeline import batch_seed, run, shared_preprocessors
 from capfilt.data.reader import Batch, ShardStream, decode_image, expand_specs, read_shard
-from capfilt.models.captioner import Captioner
+from capfilt.models.captioner import Captioner, load_captioner
 from capfilt.models.scorer import Scorer, enc_token_id
 from capfilt.models.towers import one_tower_pass, same_vision_tower
 from capfilt.settings import CaptionerConfig, RunConfig, ScorerConfig, SelectionConfig
-from capfilt.testing import blip2_filter_on_captioner_tower, build_tiny_models
+from capfilt.testing import (
+    QWEN2_VL_INSTRUCT_TEMPLATE,
+    VLM_FILES,
+    blip2_filter_on_captioner_tower,
+    build_tiny_models,
+    build_vlm,
+)
 
 SIZES = {"tiny": dict(hidden=32, layers=2, image_size=32, patch=8),
          "base": dict(hidden=256, layers=4, image_size=224, patch=16),
          # BLIP-base (Salesforce/blip-image-captioning-base, blip-itm-base-coco): ViT-B/16 at 384 px, BERT-base.
          "blip-base": dict(hidden=768, layers=12, image_size=384, patch=16, vocab_size=30524)}
-PARTS = ("ratio", "naive", "procs", "rss", "tower")
+PARTS = ("ratio", "naive", "procs", "rss", "tower", "vlm")
 RSS_SCALE = 10
 DEMO = Path(__file__).resolve().parents[1] / "shards"
+HUB_FILES = Path(__file__).resolve().parents[1] / "tests" / "hub_files"
 
 
 def make_corpus(root: Path, copies: int) -> Path:
@@ -101,8 +115,8 @@ def compute_only(batches: list[Batch], captioner: Captioner, scorer: Scorer, key
     for batch in batches:
         good = [s for s in batch.samples if s.error is None]
         with one_tower_pass(captioner.model, scorer.model) if one_tower else contextlib.nullcontext():
-            captions = captioner(batch.pixels[keys[0]], seed=batch_seed(0, batch.shard, batch.index))
-            scorer(batch.pixels[keys[1]], [[s.web_caption, *c] for s, c in zip(good, captions)])
+            captions = captioner(batch.inputs[keys[0]], seed=batch_seed(0, batch.shard, batch.index))
+            scorer(batch.inputs[keys[1]], [[s.web_caption, *c] for s, c in zip(good, captions)])
     return time.perf_counter() - start
 
 
@@ -197,6 +211,9 @@ def bench(size: str, args, parts: set[str]) -> list[dict]:
                   f"{one_loop_s / two_loop_s:.2f}x without start-up", flush=True)
         if "tower" in parts:
             shared_tower(row, corpus, root, args)
+        if "vlm" in parts:
+            rows.append(vlm_captioner(dict(size=f"{size} filter, {args.vlm}", batch=args.batch_size[0]), corpus,
+                                      root, models, args))
         if "rss" in parts:
             row["rss1"] = peak_rss_mib(corpus, root, models, args)
             row["rss10"] = peak_rss_mib(make_corpus(root, RSS_SCALE * args.copies), root, models, args)
@@ -215,8 +232,8 @@ def shared_tower(row: dict, corpus: Path, root: Path, args) -> None:
                                           device=args.device, dtype=args.dtype))
     scorer = Scorer(ScorerConfig(model=same, device=args.device, dtype=args.dtype))
     assert same_vision_tower(captioner.model, scorer.model)
-    transforms, *keys = shared_transforms(captioner, scorer)
-    batches = [b for b in ShardStream(expand_specs([str(corpus)]), transforms, row["batch"]) if isinstance(b, Batch)]
+    preprocessors, *keys = shared_preprocessors(captioner, scorer)
+    batches = [b for b in ShardStream(expand_specs([str(corpus)]), preprocessors, row["batch"]) if isinstance(b, Batch)]
     images, speeds = sum(len(b.samples) for b in batches), {}
     for shared in (False, True):  # one_tower_pass restores the pair after each batch: the same models serve both
         compute_only(batches[:1], captioner, scorer, keys, shared)  # warm-up
@@ -226,10 +243,35 @@ def shared_tower(row: dict, corpus: Path, root: Path, args) -> None:
           f"{speeds[True]:.1f} img/s with one shared: {speeds[True] / speeds[False]:.2f}x", flush=True)
 
 
+def vlm_captioner(row: dict, corpus: Path, root: Path, models: dict, args) -> dict:
+    template = QWEN2_VL_INSTRUCT_TEMPLATE if args.vlm == "qwen2_vl" else None  # the files are the base model's
+    path = build_vlm(HUB_FILES, args.vlm, root / "vlm", chat_template=template)
+    captioner = load_captioner(CaptionerConfig(model=path, num_captions=args.num_captions, device=args.device,
+                                               dtype=args.dtype, max_new_tokens=args.max_new_tokens))
+    scorer = Scorer(ScorerConfig(model=models["blip_itm"], device=args.device, dtype=args.dtype))
+    ratio_and_naive(row, corpus, root, models, captioner, scorer, args, {"ratio"})
+    samples = (s for url in expand_specs([str(corpus)]) for s in read_shard(url) if s.error is None)
+    images = [decode_image(s.image) for s in itertools.islice(samples, args.naive_images)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    try:
+        for key, preprocess in (("vlm_pre", captioner.preprocess), ("blip_pre", scorer.preprocess)):
+            preprocess(images[0])  # warm-up
+            start = time.perf_counter()
+            for image in images:
+                preprocess(image)
+            row[key] = len(images) / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"{row['size']}: processor {row['vlm_pre']:.1f} img/s per core, BLIP's transform {row['blip_pre']:.1f} "
+          f"img/s per core ({len(images)} photos)", flush=True)
+    return row
+
+
 def ratio_and_naive(row: dict, corpus: Path, root: Path, models: dict, captioner: Captioner, scorer: Scorer, args,
                     parts: set[str]) -> None:
-    transforms, *keys = shared_transforms(captioner, scorer)
-    batches = [b for b in ShardStream(expand_specs([str(corpus)]), transforms, row["batch"]) if isinstance(b, Batch)]
+    preprocessors, *keys = shared_preprocessors(captioner, scorer)
+    batches = [b for b in ShardStream(expand_specs([str(corpus)]), preprocessors, row["batch"]) if isinstance(b, Batch)]
     row["images"] = sum(len(b.samples) for b in batches)
     compute_only(batches[:1], captioner, scorer, keys)  # warm-up, for the end-to-end run too
     if "ratio" in parts:
@@ -268,7 +310,9 @@ def table(rows: list[dict]) -> str:
                ("RSS 1x MiB", "rss1", "{:.0f}", None), (f"RSS {RSS_SCALE}x MiB", "rss10", "{:.0f}", None),
                (f"{RSS_SCALE}x / 1x (<= 1.1)", "rss_ratio", "{:.2f}", lambda x: x <= 1.1),
                ("BLIP-2 2 towers img/s", "tower_separate", "{:.1f}", None),
-               ("1 shared tower img/s", "tower_shared", "{:.1f}", None)]
+               ("1 shared tower img/s", "tower_shared", "{:.1f}", None),
+               ("VLM processor img/s/core", "vlm_pre", "{:.1f}", None),
+               ("BLIP transform img/s/core", "blip_pre", "{:.1f}", None)]
     lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []
@@ -295,7 +339,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--num-captions", type=int, default=1)
     parser.add_argument("--parts", default=",".join(PARTS[:4]), help=f"comma-separated subset of {','.join(PARTS)}")
-    parser.add_argument("--naive-images", type=int, default=32, help="images timed in the naive loop")
+    parser.add_argument("--naive-images", type=int, default=32, help="images timed in the naive loop (and the "
+                                                                     "processors, part vlm)")
+    parser.add_argument("--vlm", choices=[t for t in VLM_FILES if t != "florence2"], default="qwen2_vl",
+                        help="the VLM family of part vlm")
+    parser.add_argument("--max-new-tokens", type=int, default=40, help="part vlm: tokens per caption")
     parser.add_argument("--rss-child", nargs=4, metavar=("CORPUS", "OUT", "CAPTIONER", "ITM"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
@@ -308,7 +356,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {gpu}, "
           f"{args.dtype}, batch {args.batch_size}, {args.num_captions} caption(s) per image", flush=True)
     rows = [row for size in sizes for row in bench(size, args, parts)]
-    print(table(rows))
+    print(table([row for row in rows if row.keys() - {"size", "batch"}]))  # not the empty rows of part vlm alone
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 The front door: each step of the loop is one library call, with its config from `capfilt.settings`::
 
-    from capfilt import Captioner, Scorer, run, pretrain, evaluate
+    from capfilt import load_captioner, Scorer, run, pretrain, evaluate
     from capfilt.settings import CaptionerConfig, ScorerConfig, RunConfig
 
 Names are imported on first use, so `import capfilt` (and the CLI's --help) does not import torch.
@@ -18,6 +18,7 @@ _FRONT_DOOR = {
     "reselect": "capfilt.bootstrap.reselect",
     "calibrate": "capfilt.bootstrap.calibrate",
     "Captioner": "capfilt.models.captioner",
+    "load_captioner": "capfilt.models.captioner",  # a BLIP-family Captioner, or a VLM captioner
     "Scorer": "capfilt.models.scorer",
     "pretrain": "capfilt.train.pretrain",
     "evaluate": "capfilt.train.evaluate",

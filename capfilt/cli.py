@@ -251,10 +251,17 @@ def calibrate(config: CalibrateConfig, scorer: ScorerConfig):
 @app.command("select")
 @with_settings()
 def select_(config: SelectConfig):
-    """Re-apply the selection with another policy or threshold, using the scores a run recorded: no model is
-    loaded. SPECS are that run's input shards (the images and json are read from them again); --out gets the
-    same output format, as if the run had used these settings. A sample without recorded scores becomes an
-    error row (no_recorded_scores), never a kept sample."""
+    """Re-apply the selection with another policy, threshold or --fraction of the corpus, using the scores a run
+    recorded: no model is loaded. SPECS are that run's input shards (the images and json are read from them
+    again); --out gets the same output format, as if the run had used these settings. A sample without recorded
+    scores becomes an error row (no_recorded_scores), never a kept sample. --keys-only FILE writes just the kept
+    keys and their captions instead, reading no image. The caption rules' verdicts are the run's: a caption they
+    dropped has no score to select by."""
+    if config.keys_only is not None:
+        from capfilt.bootstrap.keylist import select_keys
+
+        typer.echo(select_keys(config).describe())
+        return
     from capfilt.bootstrap.reselect import reselect
 
     _echo_summary(reselect(config), Path(config.out), True)

@@ -17,7 +17,7 @@ DTYPES = ("fp32", "bf16", "fp16")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 MAX_SAMPLES = 200  # report gallery samples per bucket, at most: bounds the page
 
-RUN, CAPTION, FILTER = "Run", "Captioner", "Filter"
+RUN, CAPTION, FILTER, RULES = "Run", "Captioner", "Filter", "Caption rules"
 PRETRAIN, STAGE1, OPTIM = "Pre-training", "Stage 1 (new Q-Former)", "Optimisation"
 
 
@@ -47,6 +47,39 @@ def check_dtype(dtype: str) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CaptionRulesConfig:
+    """Text rules every caption (web and synthetic) passes before it is scored: one that fails any is never scored
+    and never kept (capfilt.data.caption_rules; Data-Juicer's text filters, sized for captions). The defaults drop
+    none of the 400 human COCO captions of the demo (bench/caption_rules.py)."""
+
+    enabled: bool = setting(True, "Check every caption, web and synthetic, before scoring: one that fails a rule "
+                                  "is never scored nor kept, and its rule is recorded. Rules: too_few_words, "
+                                  "too_little_text, markup_or_code (HTML, URLs, file names, hex ids, code), "
+                                  "repeated_ngrams, unfinished_sentence (ends on a/the/of/with...; a generated "
+                                  "caption's second sentence cut off). --no-caption-rules: score every caption, as "
+                                  "before output format 3.", panel=RULES,
+                            flags=("--caption-rules/--no-caption-rules",))
+    min_words: int = setting(3, "too_few_words: fewer words than this (a word holds a letter or digit).",
+                             panel=RULES, flags=("--rule-min-words",))
+    min_alpha: float = setting(0.5, "too_little_text: letters below this share of the non-space characters "
+                                    "(ids, dates, numbers, symbols).", panel=RULES, flags=("--rule-min-alpha",))
+    ngram: int = setting(3, "repeated_ngrams: the word n-gram length.", panel=RULES, flags=("--rule-ngram",))
+    max_repeated: float = setting(0.5, "repeated_ngrams: the share of a caption's word n-grams that occur more "
+                                       "than once, above which it is dropped (a captioner looping).", panel=RULES,
+                                  flags=("--rule-max-repeated",))
+
+    def __post_init__(self):
+        if self.min_words < 0:
+            raise CapfiltError("--rule-min-words must be 0 or more")
+        if not 0.0 <= self.min_alpha <= 1.0:
+            raise CapfiltError(f"--rule-min-alpha must be in [0, 1], got {self.min_alpha}")
+        if self.ngram < 1:
+            raise CapfiltError("--rule-ngram must be at least 1")
+        if not 0.0 <= self.max_repeated <= 1.0:
+            raise CapfiltError(f"--rule-max-repeated must be in [0, 1], got {self.max_repeated}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     specs: tuple[str, ...] = setting(help="Input shards: .tar files, directories of them, globs, brace patterns "
                                           "(data-{000000..000099}.tar), URLs or pipe: commands.", argument=True)
@@ -63,6 +96,7 @@ class RunConfig:
     retries: int = setting(2, "Retries for a shard that cannot be opened.", panel=RUN)
     progress: bool = setting(True, "Show the progress bar (--quiet: none).", panel=RUN,
                              flags=("--progress/--quiet", " /-q"))
+    caption_rules: CaptionRulesConfig = setting(factory=CaptionRulesConfig)
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -76,7 +110,9 @@ class RunConfig:
 @dataclass(frozen=True, kw_only=True)
 class CaptionerConfig:
     model: str = setting(help="A BLIP, BLIP-2 or InstructBLIP captioning checkpoint (Hub id or local directory, "
-                              "e.g. Salesforce/blip-image-captioning-large) or a `capfilt pretrain` run directory.",
+                              "e.g. Salesforce/blip-image-captioning-large), a `capfilt pretrain` run directory, or "
+                              "any image-text-to-text VLM transformers loads (Qwen2-VL, SmolVLM, LLaVA, PaliGemma, "
+                              "Florence-2, ...).",
                          panel=CAPTION, flags=("--captioner",))
     sampling: Literal["nucleus", "beam", "greedy"] = setting("nucleus", "nucleus (BLIP's CapFilt default), beam "
                                                                         "or greedy.", panel=CAPTION)
@@ -92,7 +128,12 @@ class CaptionerConfig:
         None, "Decoder prompt (InstructBLIP: the instruction), removed from the captions. Default: the model's own "
               "(BLIP: 'a picture of '; BLIP-2: 'a photo of'; InstructBLIP: 'A short image caption:'; a capfilt "
               "model: the prompt it was trained with, none for a stage-1 model's ITG decoder). An LLM's prompt "
-              "loses its trailing spaces, which its tokenizer would make a lone-space token.", panel=CAPTION)
+              "loses its trailing spaces, which its tokenizer would make a lone-space token. A VLM with a chat "
+              "template: the instruction in its user turn, beside the image (default 'Describe this image in one "
+              "short sentence.'); without one, the text its processor is given (PaliGemma: 'caption en'; "
+              "Florence-2: '<CAPTION>').", panel=CAPTION)
+    max_new_tokens: int = setting(40, "VLM captioners: max new tokens per caption (BLIP-family captioners count "
+                                      "--max-length / --min-length instead).", panel=CAPTION)
     device: str = setting("auto", "auto, cpu, cuda or cuda:N.", panel=RUN)
     dtype: str = setting("fp32", "Model precision: fp32, bf16 or fp16.", panel=RUN)
 
@@ -111,6 +152,8 @@ class CaptionerConfig:
             raise CapfiltError(f"--top-p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_length <= self.max_length:
             raise CapfiltError(f"need 0 <= --min-length <= --max-length, got {self.min_length} and {self.max_length}")
+        if self.max_new_tokens < 1:
+            raise CapfiltError("--max-new-tokens must be at least 1")
 
     def generation_kwargs(self, prompt_tokens: int) -> dict:
         """Arguments for `generate`; BLIP counts min/max length with the prompt, so they are converted to
@@ -119,11 +162,15 @@ class CaptionerConfig:
         if max_new < 1:
             raise CapfiltError(f"--max-length {self.max_length} leaves no room after the {prompt_tokens}-token prompt")
         kwargs = {"max_new_tokens": max_new, "min_new_tokens": max(0, self.min_length - prompt_tokens)}
+        return {**kwargs, **self.sampling_kwargs()}
+
+    def sampling_kwargs(self) -> dict:
+        """How `generate` picks tokens, and how many captions it returns per image (every captioner's)."""
         if self.sampling == "nucleus":
-            kwargs.update(do_sample=True, top_p=self.top_p, top_k=self.top_k, num_beams=1)
+            kwargs = dict(do_sample=True, top_p=self.top_p, top_k=self.top_k, num_beams=1)
             kwargs["repetition_penalty"] = 1.1 if self.repetition_penalty is None else self.repetition_penalty
         else:
-            kwargs.update(do_sample=False, num_beams=self.num_beams if self.sampling == "beam" else 1)
+            kwargs = dict(do_sample=False, num_beams=self.num_beams if self.sampling == "beam" else 1)
             kwargs["repetition_penalty"] = 1.0 if self.repetition_penalty is None else self.repetition_penalty
         kwargs["num_return_sequences"] = self.num_captions
         return kwargs
@@ -216,14 +263,37 @@ class SelectConfig:
     specs: tuple[str, ...] = shared(RunConfig, "specs")
     source: str = setting(help="The output of a filter or bootstrap run: its parquet holds the scores. Never "
                                "altered.", panel=RUN, flags=("--from",), path=True)
-    out: str = shared(RunConfig, "out")
+    out: str | None = setting(None, "Output directory (one .tar, .parquet and _stats.json per input shard), as "
+                                    "the recorded run's would be at these settings. Rerunning the same command "
+                                    "resumes. Give it or --keys-only.", panel=RUN, flags=("--out", "-o"), path=True)
+    keys_only: str | None = setting(None, "Instead of --out: write only the kept samples' keys with their chosen "
+                                          "caption to this parquet file (url, shard, key, caption, source, score, "
+                                          "kept_captions, kept_scores), from the recorded scores alone: no image "
+                                          "is read, no shard written. A training job then reads just those "
+                                          "samples from the original shards (README, Selecting).", panel=RUN,
+                                    path=True)
     policy: str | None = setting(None, "blip or blip2 (default: the recorded run's).", panel=FILTER)
     threshold: float | None = setting(None, "Minimum score to keep a caption, of the kind the run recorded "
                                             "(P(match) or CLIP cosine; default: the recorded run's).", panel=FILTER)
+    fraction: float | None = setting(None, "Keep the best F (0 < F <= 1) of the images that have a recorded score, "
+                                           "instead of a --threshold: an image counts by its best caption's score "
+                                           "(under either policy it is kept when its best caption is), over every "
+                                           "given shard. The threshold is worked out from the recorded scores in "
+                                           "fixed memory (a 4096-bin histogram, refined; exact but for ties), "
+                                           "printed, and recorded in the manifest (or the keys file).", panel=FILTER)
     keep_top: int | None = setting(None, "Captions kept per image under --policy blip2 (default: the recorded "
                                          "run's).", panel=FILTER)
     overwrite: bool = shared(RunConfig, "overwrite")
     progress: bool = shared(RunConfig, "progress")
+
+    def __post_init__(self):
+        if (self.out is None) == (self.keys_only is None):
+            raise CapfiltError("give --out (new shards) or --keys-only FILE (a list of the kept keys), one of them")
+        if self.fraction is not None:
+            if not 0.0 < self.fraction <= 1.0:
+                raise CapfiltError(f"--fraction must be in (0, 1], got {self.fraction}")
+            if self.threshold is not None:
+                raise CapfiltError("give --threshold or --fraction, not both: --fraction works out the threshold")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,5 +1,5 @@
-"""Tiny random BLIP / BLIP-2 checkpoints (captioners and ITM filters), CLIP / SigLIP filters and Q-Former
-pre-training parts, for tests, benchmarks and smoke runs.
+"""Tiny random BLIP / BLIP-2 checkpoints (captioners and ITM filters), Q-Former pre-training parts, VLM
+captioners and CLIP / SigLIP filters built from real Hub files, for tests, benchmarks and smoke runs.
 
 They are built from configs, saved with their processors, and meant to be loaded back through
 `from_pretrained(dir)`, the same path a user's checkpoint takes. Sizes are parameters, so a benchmark can
@@ -194,7 +194,7 @@ def copy_hub_files(files: Path, out: Path) -> Path:
     for path in Path(files).iterdir():
         if path.suffix == ".gz":
             (out / path.stem).write_bytes(gzip.decompress(path.read_bytes()))
-        elif path.suffix in (".json", ".txt", ".model"):  # .model: a sentencepiece model (SigLIP's spiece.model)
+        elif path.suffix in (".json", ".txt", ".jinja", ".model"):  # .model: SigLIP's sentencepiece spiece.model
             shutil.copy(path, out / path.name)
     return out
 
@@ -361,3 +361,168 @@ def build_dual_encoders(files: Path, root: Path, seed: int = 0) -> dict[str, str
         _real_layout(out, config)
         paths[role] = str(out)
     return paths
+
+
+# ------------------------------------------------------------------------------------------ VLM captioners
+
+# The real Hub files (tests/hub_files) each VLM family is built from, by model type.
+VLM_FILES = {"qwen2_vl": "Qwen2-VL-2B", "idefics3": "SmolVLM-256M-Instruct", "llava": "llava-1.5-7b-hf",
+             "paligemma": "paligemma-3b-pt-224", "florence2": "Florence-2-base"}
+# Qwen2-VL-2B-Instruct's turns (ChatML: <|im_start|>role ... <|im_end|>), written here: only the base model's
+# files are at hand, whose chat_template.json places media without roles. A stand-in, not the Hub's bytes.
+QWEN2_VL_INSTRUCT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == "
+    "'text' %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}")
+
+
+def _narrow(config: dict, **sizes) -> dict:
+    return {**config, **sizes}
+
+
+def _tiny_vlm_config(model_type: str, config: dict) -> dict:
+    """The real config with depth and width shrunk; vocabularies, special and image token ids, image sizes,
+    patch sizes and the layout (flat or nested, as the Hub file has it) kept."""
+    if model_type == "qwen2_vl":  # head_dim 128 = 2 * sum(mrope_section), as the real one
+        config = _narrow(config, hidden_size=128, intermediate_size=256, num_hidden_layers=2, max_window_layers=2,
+                         num_attention_heads=1, num_key_value_heads=1)
+        config["vision_config"] = _narrow(config["vision_config"], depth=1, embed_dim=32, num_heads=2,
+                                          hidden_size=128)
+    elif model_type == "idefics3":
+        config["text_config"] = _narrow(config["text_config"], hidden_size=64, intermediate_size=128, head_dim=32,
+                                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+        config["vision_config"] = _narrow(config["vision_config"], hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=1, num_attention_heads=2)
+    elif model_type == "llava":  # two vision layers: it reads the second-to-last (vision_feature_layer -2)
+        config["text_config"] = _narrow(config["text_config"], hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+        config["vision_config"] = _narrow(config["vision_config"], hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
+    elif model_type == "paligemma":
+        config = _narrow(config, hidden_size=64, projection_dim=64)
+        config["text_config"] = _narrow(config["text_config"], hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+        config["vision_config"] = _narrow(config["vision_config"], hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=1, num_attention_heads=2, projection_dim=64)
+    else:
+        raise ValueError(f"no tiny build for {model_type!r}")
+    return config
+
+
+def paligemma_stand_in(config: dict, out: Path) -> None:
+    """PaliGemma's tokenizer and processor files are not at hand (the checkpoint is gated): a stand-in word-level
+    tokenizer with Gemma's special ids (pad 0, eos 1, bos 2, unk 3), its `<loc....>` / `<seg...>` tokens where
+    Gemma has them (256000..257151) and `<image>` at the config's `image_token_index`, and the processor the
+    Hub repo describes (SigLIP at 224 px, mean and std 0.5, 256 image tokens). Not the Hub's bytes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PaliGemmaProcessor, PreTrainedTokenizerFast
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    words = specials + WORDS + ["caption", "en"]
+    words += [f"<unused{i}>" for i in range(256000 - len(words))]
+    words += [f"<loc{i:0>4}>" for i in range(1024)] + [f"<seg{i:0>3}>" for i in range(128)]
+    image_token = config["image_token_index"]
+    assert len(words) == image_token
+    words.append("<image>")
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                        bos_token="<bos>", unk_token="<unk>", additional_special_tokens=["<image>"])
+    image_processor = SiglipImageProcessorPil(size={"height": 224, "width": 224}, resample=3,
+                                              image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    image_processor.image_seq_length = config["text_config"]["num_image_tokens"]
+    PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+
+
+def build_vlm(files: Path, model_type: str, path: Path, seed: int = 0, chat_template: str | None = None) -> str:
+    """A random VLM captioner of `model_type` from the real Hub files under `files` (`VLM_FILES`): only depth
+    and width shrunk (`_tiny_vlm_config`), saved with `save_pretrained`, then the Hub files copied over what it
+    wrote (config in the Hub's own layout, generation config, tokenizer, processor, chat template), so it loads
+    as the user's checkpoint would. `chat_template`: one written into chat_template.json in place of the
+    Hub's (a stand-in). Returns its path."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    files, path = Path(files) / VLM_FILES[model_type], Path(path)
+    torch.manual_seed(seed)
+    if model_type == "florence2":
+        return florence2_native_stand_in(files, path)
+    config = _tiny_vlm_config(model_type, json.loads((files / "config.json").read_text()))
+    copy_hub_files(files, path)
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path))
+    model.save_pretrained(path)
+    copy_hub_files(files, path)  # the Hub's files over what save_pretrained wrote
+    _real_layout(path, config)
+    if model_type == "paligemma":
+        paligemma_stand_in(config, path)
+    if chat_template is not None:
+        (path / "chat_template.json").write_text(json.dumps({"chat_template": chat_template}, indent=2) + "\n")
+    return str(path)
+
+
+def florence2_native_stand_in(files: Path, path: Path) -> str:
+    """A transformers-native Florence-2 (`Florence2ForConditionalGeneration`, as florence-community/Florence-2-base
+    has it) converted from the original remote-code repo's files, whose own layout capfilt refuses. A stand-in:
+    the native repo's files are not at hand. Its DaViT stages (`dim_embed` there, `embed_dim` here) and BART
+    settings shrunk; the real BART tokenizer, padded with placeholder tokens to the config's vocabulary and given
+    `<image>` (id 51289, transformers' default `image_token_id`) as its image token; the real image processor
+    (768 px, 577 image tokens)."""
+    import json
+
+    from transformers import AutoTokenizer, Florence2Config, Florence2ForConditionalGeneration, Florence2Processor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    real_files = copy_hub_files(files, Path(path).parent / f"{Path(path).name}-hub")
+    real = json.loads((real_files / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(real_files)
+    tokenizer.add_tokens([f"<florence_{i}>" for i in range(real["vocab_size"] - len(tokenizer))])
+    tokenizer.save_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, extra_special_tokens={"image_token": "<image>"})
+    vision = {k: real["vision_config"][k] for k in ("patch_size", "patch_stride", "patch_padding", "patch_prenorm",
+                                                    "window_size")}
+    vision.update(depths=[1, 1, 1, 1], embed_dim=[16, 16, 32, 32], num_heads=[1, 1, 2, 2], num_groups=[1, 1, 2, 2],
+                  projection_dim=64)
+    text = {**real["text_config"], "d_model": 64, "encoder_layers": 1, "decoder_layers": 1,
+            "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 128,
+            "decoder_ffn_dim": 128, "vocab_size": len(tokenizer)}
+    config = Florence2Config(text_config=text, vision_config=vision,
+                             image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    Florence2ForConditionalGeneration(config).save_pretrained(path)
+    image_processor = CLIPImageProcessorPil.from_pretrained(real_files)
+    Florence2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return str(path)
+
+
+def build_siglip2_naflex(path: Path, seed: int = 0) -> str:
+    """A random SigLIP 2 NaFlex filter (`Siglip2Model`: each image as patches at its own aspect ratio). No real
+    SigLIP 2 files are at hand: its config class's defaults narrowed (1 layer, 32 wide; 64 text positions as the
+    real ones), its image processor (patch 16) at 64 patches instead of 256, and as a stand-in for its Gemma
+    tokenizer a small BPE trained on capfilt's word list with Gemma's special ids (pad 0, eos 1, bos 2, unk 3),
+    which transformers reads as its `Siglip2Tokenizer`. Returns its path."""
+    import math
+
+    from tokenizers import SentencePieceBPETokenizer
+    from transformers import PreTrainedTokenizerFast, Siglip2Config, Siglip2Model
+    from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
+
+    torch.manual_seed(seed)
+    raw = SentencePieceBPETokenizer()
+    raw.train_from_iterator([" ".join(WORDS[i : i + 6]) for i in range(len(WORDS))], vocab_size=400,
+                            special_tokens=["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw._tokenizer, pad_token="<pad>", eos_token="<eos>",
+                                        bos_token="<bos>", unk_token="<unk>", mask_token="<mask>")
+    narrow = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1)
+    model = Siglip2Model(Siglip2Config(text_config={**narrow, "vocab_size": len(tokenizer)},
+                                       vision_config={**narrow, "num_patches": 64, "patch_size": 16}))
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(10.0))
+        model.logit_bias.fill_(-1.0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    Siglip2ImageProcessorPil(patch_size=16, max_num_patches=64).save_pretrained(path)
+    return str(path)

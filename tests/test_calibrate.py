@@ -59,12 +59,12 @@ class MarkedScorer:
     raw_scores = ("itm", "itc")
 
     @staticmethod
-    def image_transform(images):
-        return torch.tensor([image.width - 8 for image in images])
+    def preprocess(image):
+        return {"pixel_values": torch.tensor([image.width - 8])}
 
     @staticmethod
-    def raw(pixels, texts, kind):
-        own = [[float(t == f"photo {int(i)}") for t in group] for i, group in zip(pixels, texts)]
+    def raw(inputs, texts, kind):
+        own = [[float(t == f"photo {int(one['pixel_values'])}") for t in group] for one, group in zip(inputs, texts)]
         return [[v if kind == "itc" else 1 - v for v in group] for group in own]
 
 
@@ -92,7 +92,7 @@ def test_a_score_that_cannot_tell_the_pairs_apart_is_refused(marked, tmp_path):
 def test_the_margin_is_the_heads_own_probability_before_the_sigmoid(tiny_models):
     scorer = Scorer(ScorerConfig(model=tiny_models["blip_itm"]))
     samples = demo_samples(2)
-    pixels = scorer.image_transform([decode_image(s["jpg"]) for s in samples])
+    pixels = [scorer.preprocess(decode_image(s["jpg"])) for s in samples]
     texts = [[s["txt"].decode(), "a cat on a sofa"] for s in samples]
     margins, own = scorer.raw(pixels, texts, "itm"), scorer(pixels, texts)
     assert [sigmoid(m) for group in margins for m in group] == pytest.approx([v for g in own for v in g], abs=1e-6)
@@ -142,7 +142,7 @@ def test_filter_scores_with_the_calibrated_probability(tiny_models, shards, kind
     rows = pq.read_table(next(out.glob("*.parquet"))).to_pylist()
     scorer = Scorer(ScorerConfig(model=tiny_models["blip_itm"]))
     samples = demo_samples(4, start=6)
-    pixels = scorer.image_transform([decode_image(s["jpg"]) for s in samples])
+    pixels = [scorer.preprocess(decode_image(s["jpg"])) for s in samples]
     texts = [[s["txt"].decode()] for s in samples]
     expected = {s["__key__"]: calibration(v[0]) for s, v in zip(samples, scorer.raw(pixels, texts, kind))}
     assert {r["key"]: r["web_score"] for r in rows} == pytest.approx(expected, abs=1e-6)

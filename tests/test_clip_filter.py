@@ -22,14 +22,20 @@ from capfilt.data.schema import COSINE, MANIFEST, PROBABILITY
 from capfilt.models.captioner import Captioner
 from capfilt.models.scorer import Calibration, Scorer
 from capfilt.settings import CaptionerConfig, RunConfig, ScorerConfig, SelectionConfig
-from capfilt.testing import build_dual_encoders
+from capfilt.testing import WORDS, build_dual_encoders, build_siglip2_naflex
 
-LONG = " ".join(["a small red square next to a big blue circle on the grass"] * 12)  # ~150 tokens
+# ~130 words, past both text towers (77 and 64 tokens), and passing the caption rules (no repeated n-grams).
+LONG = "A photo of " + " ".join(WORDS) + " and then " + " ".join(reversed(WORDS)) + " on the grass."
 
 
 @pytest.fixture(scope="module")
 def filters(tmp_path_factory) -> dict[str, str]:
     return build_dual_encoders(REPO / "tests" / "hub_files", tmp_path_factory.mktemp("dual"))
+
+
+def inputs_of(scorer, images) -> list[dict]:
+    """Each image's inputs as the DataLoader workers make them for this filter."""
+    return [scorer.preprocess(image) for image in images]
 
 
 def _images_and_texts(n: int = 3):
@@ -48,7 +54,7 @@ def test_scores_equal_what_the_models_own_forward_gives(filters, family):
 
     scorer = Scorer(ScorerConfig(model=filters[family], device="cpu"))
     images, texts = _images_and_texts()
-    ours = scorer(scorer.image_transform(images), texts)
+    ours = scorer(inputs_of(scorer, images), texts)
 
     model, processor = AutoModel.from_pretrained(filters[family]).eval(), AutoProcessor.from_pretrained(filters[family])
     length = 64 if family == "siglip" else 77
@@ -72,7 +78,7 @@ def test_a_caption_longer_than_the_text_tower_is_cut_and_counted(filters, family
     scorer = Scorer(ScorerConfig(model=filters[family], device="cpu"))
     assert scorer.max_text_length == positions == scorer.model.config.text_config.max_position_embeddings
     images, _ = _images_and_texts(1)
-    pixels = scorer.image_transform(images)
+    pixels = inputs_of(scorer, images)
     words = LONG.split()
     longer = " ".join(words + words)  # the same first tokens, twice as long
     first, second = scorer(pixels, [[LONG, longer, "a dog"]])[0], scorer.captions_truncated
@@ -146,7 +152,8 @@ def test_any_captioner_with_these_filters_scores_its_captions(filters, tiny_mode
     preprocessings, no shared tower; every recorded score is the filter's on that photo and caption."""
     out = tmp_path / family
     result = cli("bootstrap", corpus, "--out", out, "--captioner", tiny_models["blip_captioner"], "--filter",
-                 filters[family], "--num-captions", 2, "--batch-size", 4, "--workers", 0, "--quiet")
+                 filters[family], "--num-captions", 2, "--batch-size", 4, "--workers", 0, "--quiet",
+                 "--no-caption-rules")  # a random captioner's words would fail them: here every caption is scored
     assert result.exit_code == 0, result.output
     rows = pq.read_table(out / "part-00000.parquet").to_pylist()
     assert all(len(r["synthetic_captions"]) >= 1 and len(r["synthetic_scores"]) == len(r["synthetic_captions"])
@@ -155,7 +162,7 @@ def test_any_captioner_with_these_filters_scores_its_captions(filters, tiny_mode
     images = {s["__key__"]: decode_image(s["jpg"]) for s in demo_samples(6)}
     for row in rows:
         recorded = [row["web_score"], *row["synthetic_scores"]]
-        expected = scorer(scorer.image_transform([images[row["key"]]]),
+        expected = scorer(inputs_of(scorer, [images[row["key"]]]),
                           [[row["web_caption"], *row["synthetic_captions"]]])[0]
         assert recorded == pytest.approx(expected, abs=1e-5)
 
@@ -198,7 +205,7 @@ def test_calibrate_fits_each_filters_raw_score_and_filter_uses_it(filters, human
     scorer = Scorer(ScorerConfig(model=filters[family], device="cpu"))
     samples = demo_samples(6)
     samples[2] = {**samples[2], "txt": LONG.encode()}
-    values = scorer.raw(scorer.image_transform([decode_image(s["jpg"]) for s in samples]),
+    values = scorer.raw(inputs_of(scorer, [decode_image(s["jpg"]) for s in samples]),
                         [[s["txt"].decode()] for s in samples], raw)
     expected = {s["__key__"]: calibration(v[0]) for s, v in zip(samples, values)}
     rows = pq.read_table(out / "part-00000.parquet").to_pylist()
@@ -223,10 +230,10 @@ def test_metaclip_2_scores_its_cosine(filters, tmp_path):
     scorer = Scorer(ScorerConfig(model=str(path), device="cpu"))
     assert scorer.cosine and scorer.raw_scores == ("cosine",)
     images, texts = _images_and_texts(1)
-    ours = scorer(scorer.image_transform(images), texts)[0]
+    ours = scorer(inputs_of(scorer, images), texts)[0]
     with torch.no_grad():
         tokens = scorer.tokenizer(texts[0], padding=True, truncation=True, max_length=77, return_tensors="pt")
-        logits = model(pixel_values=scorer.image_transform(images), **tokens).logits_per_image[0]
+        logits = model(pixel_values=inputs_of(scorer, images)[0]["pixel_values"], **tokens).logits_per_image[0]
     assert ours == pytest.approx((logits / model.logit_scale.exp()).tolist(), abs=1e-5)
 
 
@@ -240,16 +247,38 @@ def test_a_calibration_of_another_filters_score_is_one_line(filters, corpus, tmp
 
 
 def test_unsupported_checkpoints_are_one_line_naming_the_families(tmp_path):
-    from transformers import Siglip2Config, ViTConfig
+    from transformers import ViTConfig
 
     ViTConfig().save_pretrained(tmp_path / "vit")
     result = cli("filter", tmp_path / "vit", "--out", tmp_path / "o1", "--filter", tmp_path / "vit")
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
-    for family in ("BLIP", "BLIP-2", "CLIP", "SigLIP", "MetaCLIP 2", "capfilt Q-Former"):
+    for family in ("BLIP", "BLIP-2", "CLIP", "SigLIP", "SigLIP 2 NaFlex", "MetaCLIP 2", "capfilt Q-Former"):
         assert family in result.output
-    Siglip2Config().save_pretrained(tmp_path / "naflex")
-    result = cli("filter", tmp_path / "vit", "--out", tmp_path / "o2", "--filter", tmp_path / "naflex")
-    assert result.exit_code == 2 and result.output.count("\n") == 1 and "NaFlex" in result.output
+
+
+def test_a_siglip2_naflex_filter_scores_each_image_at_its_own_aspect_ratio(tmp_path):
+    """SigLIP 2 NaFlex (no real files at hand: see `build_siglip2_naflex`): each image's patches, mask and grid
+    from its own processor in the workers, collated; the scores equal the model's forward on the processor's
+    batch, and a landscape and a portrait photo get different grids."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    path = build_siglip2_naflex(tmp_path / "naflex")
+    scorer = Scorer(ScorerConfig(model=path, device="cpu"))
+    assert not scorer.cosine and scorer.raw_scores == ("logit",) and scorer.max_text_length == 64
+    images, texts = _images_and_texts(2)
+    images[1] = images[1].rotate(90, expand=True)  # portrait: another patch grid
+    inputs = inputs_of(scorer, images)
+    assert inputs[0]["spatial_shapes"].tolist() != inputs[1]["spatial_shapes"].tolist()
+    ours = scorer(inputs, texts)
+    assert scorer.captions_truncated == 2
+
+    model, processor = AutoModel.from_pretrained(path).eval(), AutoImageProcessor.from_pretrained(path)
+    for image, captions, scores in zip(images, texts, ours):
+        tokens = scorer.tokenizer(captions, padding="max_length", truncation=True, max_length=64,
+                                  return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**processor(images=[image], return_tensors="pt"), **tokens).logits_per_image[0]
+        assert scores == pytest.approx(torch.sigmoid(logits).tolist(), abs=1e-5)
 
 
 def test_the_hubs_older_clip_preprocessor_gives_the_same_pixels(filters, tmp_path):

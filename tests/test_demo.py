@@ -106,13 +106,14 @@ def test_the_scorers_itc_is_the_models_own_similarity(demo):
     config, _, _ = demo
     scorer = Scorer(ScorerConfig(model=str(Path(config.out) / "fold-0" / "stage1")))
     samples = [s for s in read_shard(str(Path(config.out) / "fold-0" / "corpus-00000.tar"))][:4]
-    pixels = scorer.image_transform([decode_image(s.image) for s in samples])
+    inputs = [scorer.preprocess(decode_image(s.image)) for s in samples]
+    pixels = torch.cat([one["pixel_values"] for one in inputs])
     captions = [s.web_caption for s in samples]
     tokens = scorer.tokenizer(captions, padding="longest", return_tensors="pt")
     model = scorer.model
     expected = losses.similarities(model.image_feats(model.encode_image(pixels)),
                                    model.text_feats(tokens.input_ids, tokens.attention_mask)).diagonal()
-    ours = [group[0] for group in scorer.raw(pixels, [[c] for c in captions], "itc")]
+    ours = [group[0] for group in scorer.raw(inputs, [[c] for c in captions], "itc")]
     assert ours == pytest.approx(expected.tolist(), abs=1e-5)
 
 

@@ -22,8 +22,9 @@ def images():
 def test_blip_itm_score_uses_enc_token(tiny_models, images):
     scorer = Scorer(ScorerConfig(model=tiny_models["blip_itm"]))
     texts = ["a dog on the grass", "two people at a table"]
-    pixels = scorer.image_transform(images[:1])
-    ours = scorer(pixels, [texts])[0]
+    inputs = [scorer.preprocess(image) for image in images[:1]]
+    ours = scorer(inputs, [texts])[0]
+    pixels = inputs[0]["pixel_values"]
 
     # The same model, called the plain HF way, with [ENC] put in place of [CLS] by hand.
     model = BlipForImageTextRetrieval.from_pretrained(tiny_models["blip_itm"]).eval()
@@ -42,8 +43,9 @@ def test_blip_itm_score_uses_enc_token(tiny_models, images):
 def test_blip2_itm_score_matches_hf_forward(tiny_models, images):
     scorer = Scorer(ScorerConfig(model=tiny_models["blip2_itm"]))
     texts = [["a red bus", "a cat on a bed", "people"], ["a plate of food"]]
-    pixels = scorer.image_transform(images[:2])
-    ours = scorer(pixels, texts)
+    inputs = [scorer.preprocess(image) for image in images[:2]]
+    ours = scorer(inputs, texts)
+    pixels = torch.cat([one["pixel_values"] for one in inputs])
 
     model = Blip2ForImageTextRetrieval.from_pretrained(tiny_models["blip2_itm"]).eval()
     for i, group in enumerate(texts):
@@ -59,14 +61,14 @@ def test_vision_tower_runs_once_per_batch(tiny_models, images, name):
     scorer = Scorer(ScorerConfig(model=tiny_models[name]))
     calls = []
     scorer.model.vision_model.register_forward_hook(lambda module, args, out: calls.append(len(args[0]) if args else 0))
-    scorer(scorer.image_transform(images), [["a", "b", "c", "d"], ["e", "f"], ["g"]])
+    scorer([scorer.preprocess(image) for image in images], [["a", "b", "c", "d"], ["e", "f"], ["g"]])
     assert len(calls) == 1
 
 
 @pytest.mark.parametrize("name", ["blip_captioner", "blip2_captioner"])
 def test_captioner_gives_k_captions_reproducibly(tiny_models, images, name):
     captioner = Captioner(CaptionerConfig(model=tiny_models[name], num_captions=3))
-    pixels = captioner.image_transform(images[:2])
+    pixels = [captioner.preprocess(image) for image in images[:2]]
     first = captioner(pixels, seed=7)
     assert [len(c) for c in first] == [3, 3]
     assert all(isinstance(c, str) and c for caps in first for c in caps)
@@ -78,15 +80,16 @@ def test_captioner_removes_prompt_and_respects_lengths(tiny_models, images):
     config = CaptionerConfig(model=tiny_models["blip_captioner"], min_length=8, max_length=12)
     captioner = Captioner(config)
     # The prompt is [DEC] + "a picture of": 4 tokens, so 4..8 new tokens (word-level vocabulary: 1 token a word).
-    for (caption,) in captioner(captioner.image_transform(images), seed=0):
+    for (caption,) in captioner([captioner.preprocess(image) for image in images], seed=0):
         assert 4 <= len(caption.split()) <= 8
     greedy = Captioner(CaptionerConfig(model=tiny_models["blip_captioner"], sampling="greedy"))
-    pixels = greedy.image_transform(images[:1])
+    inputs = [greedy.preprocess(images[0])]
+    pixels = inputs[0]["pixel_values"]
     prefix = torch.tensor([greedy.prefix + [greedy.prefix[0]]])
     full = greedy.model.generate(pixels, input_ids=prefix, **greedy.config.generation_kwargs(len(greedy.prefix)))
     decoded = greedy.tokenizer.decode(full[0], skip_special_tokens=True)
     assert decoded.startswith("a picture of")
-    assert greedy(pixels)[0][0] == decoded[len("a picture of"):].strip()
+    assert greedy(inputs)[0][0] == decoded[len("a picture of"):].strip()
 
 
 @pytest.mark.parametrize(
@@ -150,17 +153,17 @@ def test_enc_token_found_without_tokenizer_entry():
 def test_bf16_runs(tiny_models, images, name):
     if "captioner" in name:
         model = Captioner(CaptionerConfig(model=tiny_models[name], dtype="bf16", sampling="greedy"))
-        assert len(model(model.image_transform(images))) == len(images)
+        assert len(model([model.preprocess(image) for image in images])) == len(images)
     else:
         model = Scorer(ScorerConfig(model=tiny_models[name], dtype="bf16"))
-        scores = model(model.image_transform(images), [["a dog"], ["a cat", "a bus"], []])
+        scores = model([model.preprocess(image) for image in images], [["a dog"], ["a cat", "a bus"], []])
         assert all(0.0 <= s <= 1.0 for row in scores for s in row)
 
 
 def test_a_caption_ends_at_its_first_line_break(tiny_models, images, monkeypatch):
     """An LLM may run on past the caption; what follows the first line break is not part of it."""
     captioner = Captioner(CaptionerConfig(model=tiny_models["blip2_captioner"], num_captions=2))
-    pixels = captioner.image_transform(images[:1])
+    pixels = [captioner.preprocess(images[0])]
     monkeypatch.setattr(captioner.tokenizer, "batch_decode",
                         lambda ids, **kw: [" a dog on a sofa\nA: 3.9/5 = 20", "\na cat\n\nQ: what?"][: len(ids)])
     assert captioner(pixels, seed=0) == [["a dog on a sofa", "a cat"]]

@@ -43,7 +43,7 @@ def test_shard_names():
 
 def test_bad_samples_get_reasons_and_good_ones_survive(tmp_path):
     path = write_tar(tmp_path / "bad.tar", strip_none(bad_samples()))
-    stream = ShardStream([str(path)], {"id": lambda images: __import__("torch").zeros(len(images), 1)}, 4)
+    stream = ShardStream([str(path)], {"id": lambda image: {"x": __import__("torch").zeros(1, 1)}}, 4)
     batches = [b for b in stream if isinstance(b, reader.Batch)]
     samples = [s for b in batches for s in b.samples]
     reasons = {s.key: s.error for s in samples}
@@ -57,8 +57,8 @@ def test_bad_samples_get_reasons_and_good_ones_survive(tmp_path):
     # Pixel rows line up with the decoded samples.
     for b in batches:
         ok = [s for s in b.samples if s.error is None]
-        assert [s.pixel_row for s in ok] == list(range(len(ok)))
-        assert len(b.pixels["id"]) == len(ok)
+        assert [s.input_row for s in ok] == list(range(len(ok)))
+        assert len(b.inputs["id"]) == len(ok)
 
 
 def test_the_dataloader_pins_every_batch_tensor(tmp_path, monkeypatch):
@@ -79,12 +79,17 @@ def test_the_dataloader_pins_every_batch_tensor(tmp_path, monkeypatch):
     def transform(images):
         return torch.zeros(len(images), 3, 4, 4)
 
-    stream = ShardStream([str(path)], {"a": transform, "b": transform}, 4)
+    def preprocess(image):
+        return {"pixel_values": torch.zeros(1, 3, 4, 4), "input_ids": torch.ones(1, 5, dtype=torch.long)}
+
+    stream = ShardStream([str(path)], {"a": preprocess, "b": preprocess}, 4)
     batch = next(b for b in stream if isinstance(b, reader.Batch))
     monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
     out = dataloader_pin(batch)
     assert isinstance(out, reader.Batch) and out.samples == batch.samples
-    assert sorted(pinned) == sorted(t.data_ptr() for t in batch.pixels.values())
+    assert sorted(pinned) == sorted(t.data_ptr() for rows in batch.inputs.values() for one in rows
+                                    for t in one.values())
+    assert out.inputs.keys() == batch.inputs.keys() and all(len(out.inputs[k]) == 4 for k in out.inputs)
 
     def tokenize(b):
         return dict(pixel_values=b.pixel_values, input_ids=torch.ones(len(b.captions), 5, dtype=torch.long))

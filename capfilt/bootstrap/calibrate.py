@@ -124,7 +124,7 @@ def calibrate(config: CalibrateConfig, scorer: Scorer) -> Calibration:
         by_image[p.image].append(p.caption)
     for start in tqdm(range(0, len(images), config.batch_size), desc="calibrate", unit="batch"):
         stop = min(start + config.batch_size, len(images))
-        pixels = scorer.image_transform(images[start:stop])
+        pixels = [scorer.preprocess(image) for image in images[start:stop]]
         for kind in kinds:
             raw[kind] += [v for group in scorer.raw(pixels, by_image[start:stop], kind) for v in group]
     auc = {kind: roc_auc([v for v, m in zip(values, matches) if m], [v for v, m in zip(values, matches) if not m])

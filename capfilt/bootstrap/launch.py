@@ -15,7 +15,7 @@ from capfilt.bootstrap.pipeline import run
 from capfilt.data.writer import OVERWRITE_ALONE
 from capfilt.errors import CapfiltError
 from capfilt.launcher import current_rank
-from capfilt.models.captioner import Captioner
+from capfilt.models.captioner import load_captioner
 from capfilt.models.scorer import Scorer
 
 
@@ -71,7 +71,7 @@ def _child(rank, env, config, captioner_config, scorer_config, selection, result
 
 
 def _run_here(config, captioner_config, scorer_config, selection):
-    captioner = Captioner(captioner_config) if captioner_config is not None else None
+    captioner = load_captioner(captioner_config) if captioner_config is not None else None
     scorer = Scorer(scorer_config) if scorer_config is not None else None
     return run(config, captioner, scorer, selection)
 

@@ -11,7 +11,16 @@ from typing import Any
 
 from capfilt.bootstrap.selection import select
 from capfilt.data.reader import Sample, local_file
-from capfilt.data.schema import ALL_BELOW_THRESHOLD, DROPPED, OK, PROBABILITY, ScoreKind, capfilt_block, read_block
+from capfilt.data.schema import (
+    ALL_BELOW_THRESHOLD,
+    ALL_FAILED_RULES,
+    DROPPED,
+    OK,
+    PROBABILITY,
+    ScoreKind,
+    capfilt_block,
+    read_block,
+)
 from capfilt.data.writer import ShardWriter
 from capfilt.settings import SelectionConfig
 
@@ -45,16 +54,18 @@ def write_candidates(writer: ShardWriter, sample: Sample, cands, selection: Sele
     (`filter_id` given). `run` and `capfilt select` both write through here, so their bytes agree."""
     stats = writer.stats
     scored = filter_id is not None
-    kept = select(cands, selection) if scored else cands
+    kept = select(cands, selection) if scored else [c for c in cands if c.rule is None]
     web = next((c for c in cands if c.source == "web"), None)  # None: an image-only sample
     synthetic = [c for c in cands if c.source == "synthetic"]
     row = dict(key=sample.key, detail=sample.detail or None, web_caption=web.caption if web else None,
                web_score=web.score if web else None, synthetic_captions=[c.caption for c in synthetic],
                synthetic_scores=[c.score for c in synthetic] if scored else None,
-               kept_captions=[c.caption for c in kept] if scored else None)
+               kept_captions=[c.caption for c in kept] if scored else None,
+               web_rule=web.rule if web else None, synthetic_rules=[c.rule for c in synthetic])
     if not kept:
         stats.dropped += 1
-        writer.add_row(status=DROPPED, reason=ALL_BELOW_THRESHOLD, **row)
+        failed_rules = all(c.rule is not None for c in cands)  # none was scored: not "below threshold"
+        writer.add_row(status=DROPPED, reason=ALL_FAILED_RULES if failed_rules else ALL_BELOW_THRESHOLD, **row)
         return
     stats.written += 1
     if scored:

@@ -24,6 +24,7 @@ from capfilt.bootstrap.claims import Claims, job_id
 from capfilt.bootstrap.outcome import RunSummary, input_location, write_candidates
 from capfilt.bootstrap.selection import kind_of, resolve, unique_candidates
 from capfilt.data import reader
+from capfilt.data.caption_rules import caption_rule
 from capfilt.data.reader import Batch, Sample, ShardEnd, ShardStream
 from capfilt.data.schema import ERROR, MISSING_CAPTION, PROBABILITY, ScoreKind, stats_path
 from capfilt.data.text import clean_caption
@@ -33,6 +34,7 @@ from capfilt.launcher import current_rank
 from capfilt.models.captioner import Captioner
 from capfilt.models.scorer import Scorer
 from capfilt.models.towers import one_tower_pass, same_vision_tower
+from capfilt.models.vlm import VlmCaptioner
 from capfilt.settings import RunConfig, SelectionConfig
 
 logger = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ def batch_seed(seed: int, shard: str, index: int) -> int:
 
 def run(
     config: RunConfig,
-    captioner: Captioner | None = None,
+    captioner: Captioner | VlmCaptioner | None = None,
     scorer: Scorer | None = None,
     selection: SelectionConfig | None = None,
 ) -> RunSummary:
@@ -75,12 +77,12 @@ def run(
         Claims(out, job).close(job_done=all_done(out))
         return summary
 
-    transforms, captioner_key, scorer_key = shared_transforms(captioner, scorer)
+    preprocessors, captioner_key, scorer_key = shared_preprocessors(captioner, scorer)
     one_tower = (captioner is not None and scorer is not None and captioner_key == scorer_key
                  and same_vision_tower(captioner.model, scorer.model))
     claims = Claims(out, job)
     inputs = {reader.shard_name(u): input_location(u) for u in todo}  # recorded per shard, for `capfilt report`
-    stream = ShardStream(todo, transforms, config.batch_size, retries=config.retries, claim=claims)
+    stream = ShardStream(todo, preprocessors, config.batch_size, retries=config.retries, claim=claims)
     device = (captioner or scorer).device
     started = time.perf_counter()
     open_shards: dict[str, _OpenShard] = {}
@@ -160,25 +162,29 @@ class _OpenShard:
                                    "input": self.input})
 
 
-def shared_transforms(captioner, scorer):
-    """One preprocessing per distinct image processor: captioner and filter share a tensor when they agree."""
-    transforms: dict[str, Any] = {}
+def shared_preprocessors(captioner, scorer):
+    """One preprocessing per distinct signature: captioner and filter share its results when they agree."""
+    preprocessors: dict[str, Any] = {}
     keys = []
     for model in (captioner, scorer):
         if model is None:
             keys.append(None)
             continue
-        key = model.image_transform.signature
-        transforms.setdefault(key, model.image_transform)
+        key = model.preprocess.signature
+        preprocessors.setdefault(key, model.preprocess)
         keys.append(key)
-    return transforms, keys[0], keys[1]
+    return preprocessors, keys[0], keys[1]
 
 
 def _settings(config: RunConfig, captioner, scorer, selection: SelectionConfig) -> dict[str, Any]:
     """What makes two runs' outputs comparable; a resume must match it exactly."""
     settings: dict[str, Any] = {"batch_size": config.batch_size, "seed": config.seed, "clean_text": config.clean_text}
+    if config.caption_rules.enabled:
+        # Absent when off, so that an output written before the rules existed (format 2) resumes with them off.
+        settings["caption_rules"] = asdict(config.caption_rules)
     if captioner is not None:
-        settings["captioner"] = {k: v for k, v in captioner.config.__dict__.items() if k != "device"}
+        ignored = ("device", *getattr(captioner, "unused_settings", ()))
+        settings["captioner"] = {k: v for k, v in captioner.config.__dict__.items() if k not in ignored}
     if scorer is not None:
         # No calibration key without one, so that outputs written before --calibration existed still resume;
         # with one, the fit itself (a rewritten file at the same path is another filter).
@@ -223,9 +229,9 @@ class _Stages:
 
     config: RunConfig
     selection: SelectionConfig
-    captioner: Captioner | None
+    captioner: Captioner | VlmCaptioner | None
     scorer: Scorer | None
-    captioner_key: str | None  # the image transform each model's pixels come from
+    captioner_key: str | None  # the preprocess each model's inputs come from
     scorer_key: str | None
     kind: ScoreKind = PROBABILITY  # of the filter's scores
     fit: FitToMemory = field(default_factory=lambda: FitToMemory())
@@ -241,20 +247,23 @@ def _process(batch: Batch, writer: ShardWriter, stages: _Stages) -> None:
     stats = writer.stats
     halvings = stages.fit.halvings
     good = _usable(batch.samples, stats, stages)
-    rows = [s.pixel_row for s in good]
+    rows = [s.input_row for s in good]
 
-    def pixels_of(key: str):  # indexing copies (and drops the pinning): only when a sample dropped out
-        return batch.pixels[key] if len(rows) == len(batch.pixels[key]) else batch.pixels[key][rows]
+    def inputs_of(key: str):  # a list of per-image inputs; a sample that dropped out is left out
+        return batch.inputs[key] if len(rows) == len(batch.inputs[key]) else [batch.inputs[key][r] for r in rows]
 
     new_captions: list[list[str]] = [[] for _ in good]
     if stages.captioner is not None and good:
-        new_captions = _caption(batch, pixels_of(stages.captioner_key), len(good), stages)
+        new_captions = _caption(batch, inputs_of(stages.captioner_key), len(good), stages)
         stats.synthetic_generated += sum(len(c) for c in new_captions)
     candidates = [unique_candidates(s.web_caption, s.synthetic + new) for s, new in zip(good, new_captions)]
+    for cands in candidates:  # before scoring: a caption that fails a rule is never scored
+        for c in cands:
+            c.rule = caption_rule(c.caption, stages.config.caption_rules, synthetic=c.source == "synthetic")
     if stages.scorer is not None and good:
         truncated = stages.scorer.captions_truncated
-        _score(pixels_of(stages.scorer_key), candidates, stages)
-        stats.captions_scored += sum(len(c) for c in candidates)
+        _score(inputs_of(stages.scorer_key), candidates, stages)
+        stats.captions_scored += sum(c.rule is None for cands in candidates for c in cands)
         stats.captions_truncated += stages.scorer.captions_truncated - truncated
     stats.oom_halvings += stages.fit.halvings - halvings
 
@@ -290,18 +299,25 @@ def _usable(samples: list[Sample], stats, stages: _Stages) -> list[Sample]:
     return good
 
 
-def _caption(batch: Batch, pixels, n: int, stages: _Stages) -> list[list[str]]:
+def _caption(batch: Batch, inputs, n: int, stages: _Stages) -> list[list[str]]:
     seed = stages.config.seed
     seed = None if seed is None else batch_seed(seed, batch.shard, batch.index)
-    captions = stages.fit(lambda a, b: stages.captioner(pixels[a:b], seed=None if seed is None else seed + a), n)
+    captions = stages.fit(lambda a, b: stages.captioner(inputs[a:b], seed=None if seed is None else seed + a), n)
     if stages.config.clean_text:
         captions = [[clean_caption(c) for c in caps] for caps in captions]
     return captions
 
 
-def _score(pixels, candidates, stages: _Stages) -> None:
-    texts = [[c.caption for c in cands] for cands in candidates]
-    scores = stages.fit(lambda a, b: stages.scorer(pixels[a:b], texts[a:b]), len(candidates))
-    for cands, row in zip(candidates, scores):
-        for c, score in zip(cands, row):
+def _score(inputs, candidates, stages: _Stages) -> None:
+    """Score the candidates that passed the caption rules; an image none of whose captions did is not scored."""
+    passing = [[c for c in cands if c.rule is None] for cands in candidates]
+    rows = [i for i, cands in enumerate(passing) if cands]
+    if not rows:
+        return
+    if len(rows) < len(passing):
+        inputs = [inputs[i] for i in rows]  # per-image inputs: keep the images that still have a caption
+    texts = [[c.caption for c in passing[i]] for i in rows]
+    scores = stages.fit(lambda a, b: stages.scorer(inputs[a:b], texts[a:b]), len(texts))
+    for i, row in zip(rows, scores):
+        for c, score in zip(passing[i], row):
             c.score = score

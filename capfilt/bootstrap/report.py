@@ -173,9 +173,12 @@ def _candidates(item: dict[str, Any]) -> list[dict[str, Any]]:
     kept = item["kept_captions"] or []
     synthetic = item["synthetic_captions"] or []
     scores = item["synthetic_scores"] or [None] * len(synthetic)
-    web = [(item["web_caption"], item["web_score"], "web")] if item["web_caption"] is not None else []
-    pairs = web + [(c, s, "synthetic") for c, s in zip(synthetic, scores)]
-    return [{"caption": _cut(c), "score": s, "source": src, "kept": c in kept} for c, s, src in pairs]
+    rules = item.get("synthetic_rules") or [None] * len(synthetic)
+    web = [(item["web_caption"], item["web_score"], "web", item.get("web_rule"))] \
+        if item["web_caption"] is not None else []
+    pairs = web + [(c, s, "synthetic", r) for c, s, r in zip(synthetic, scores, rules)]
+    return [{"caption": _cut(c), "score": s, "source": src, "kept": c in kept, "rule": r}
+            for c, s, src, r in pairs]
 
 
 def _rate(n: int, d: int) -> str:
@@ -193,7 +196,8 @@ def build_page(out: Path, result: Scan) -> dict[str, Any]:
     rows = []
     for t in sorted(set(COSINE_SWEEP_TABLE if kind == COSINE else SWEEP_TABLE) | {threshold}):
         j = int(np.searchsorted(table["threshold"], t))  # every one of these is on the grid
-        rows.append({"threshold": t, "run": t == threshold,
+        rows.append({"threshold": t, "run": t == threshold, "fraction": (settings.get("fraction") or {}).get(
+                     "fraction") if t == threshold else None,
                      "images": _rate(int(table["images_kept"][j]), sweep.images),
                      "web": _rate(int(table["web_kept"][j]), sweep.web),
                      "synthetic": _rate(int(table["synthetic_kept"][j]), sweep.synthetic),
@@ -235,6 +239,9 @@ def build_page(out: Path, result: Scan) -> dict[str, Any]:
         "filter": (settings.get("filter") or {}).get("model"), "selected_from": settings.get("selected_from"),
         "calibrated": ((settings.get("filter") or {}).get("calibration") or {}).get("score"),
         "score_label": SCORE_LABELS[kind], "cosine": kind == COSINE,
+        "fraction": settings.get("fraction"),  # `select --fraction`: how its threshold was worked out
+        "rules": sorted((code, result.rules["web"][code], result.rules["synthetic"][code])
+                        for code in set(result.rules["web"]) | set(result.rules["synthetic"])),
         "totals": totals, "errors": sorted(totals["errors"].items()), "error_total": sum(totals["errors"].values()),
         "rates": {"images": _rate(totals["written"], totals["read"]),
                   "web": _rate(totals["web_kept"], sweep.web),

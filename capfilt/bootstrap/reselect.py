@@ -17,9 +17,10 @@ from typing import Any
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from capfilt.bootstrap.fraction import FractionThreshold, fraction_threshold
 from capfilt.bootstrap.outcome import RunSummary, input_location, write_candidates
 from capfilt.data import reader
-from capfilt.data.schema import ERROR, MANIFEST, NO_RECORDED_SCORES, Candidate, score_kind, stats_path
+from capfilt.data.schema import ERROR, MANIFEST, NO_RECORDED_SCORES, row_candidates, score_kind, stats_path
 from capfilt.data.text import clean_caption
 from capfilt.data.writer import ShardWriter, check_apart_from_inputs, prepare_output
 from capfilt.errors import CapfiltError
@@ -39,19 +40,42 @@ def recorded_settings(source: Path) -> dict[str, Any]:
     return settings
 
 
+def resolve_selection(config: SelectConfig, source: Path, settings: dict[str, Any], urls: list[str]
+                      ) -> tuple[SelectionConfig, FractionThreshold | None]:
+    """The selection to apply: the recorded run's, with the command's changes; under --fraction, the threshold
+    worked out from the recorded scores of `urls`' shards (logged)."""
+    recorded = settings["selection"]
+    threshold, fraction = recorded["threshold"] if config.threshold is None else config.threshold, None
+    if config.fraction is not None:
+        names = [reader.shard_name(u) for u in urls]
+        fraction = fraction_threshold([source / f"{n}.parquet" for n in names if stats_path(source, n).exists()],
+                                      config.fraction)
+        log.info(fraction.describe())
+        threshold = fraction.threshold
+    try:
+        selection = SelectionConfig(
+            policy=config.policy or recorded["policy"],
+            threshold=threshold,
+            keep_top=recorded["keep_top"] if config.keep_top is None else config.keep_top,
+        )
+    except CapfiltError as exc:
+        if fraction is None:
+            raise
+        raise CapfiltError(f"{fraction.describe()}, which a selection cannot take ({exc}): choose another "
+                           "--fraction") from None
+    return selection, fraction
+
+
 def reselect(config: SelectConfig) -> RunSummary:
     source, out = Path(config.source), Path(config.out)
     settings = recorded_settings(source)
     if out.resolve() == source.resolve():
         raise CapfiltError("--out must differ from --from: the recorded run is never altered")
-    recorded = settings["selection"]
-    selection = SelectionConfig(
-        policy=config.policy or recorded["policy"],
-        threshold=recorded["threshold"] if config.threshold is None else config.threshold,
-        keep_top=recorded["keep_top"] if config.keep_top is None else config.keep_top,
-    )
     urls = reader.expand_specs(config.specs)
+    selection, fraction = resolve_selection(config, source, settings, urls)
     new_settings = {**settings, "selection": dict(selection.__dict__), "selected_from": str(source.resolve())}
+    if fraction is not None:
+        new_settings["fraction"] = fraction.as_dict()
     check_apart_from_inputs(out, [Path(p) for p in map(reader.local_file, urls) if p is not None])
     prepare_output(out, new_settings, config.overwrite, [reader.shard_name(u) for u in urls])
     todo = [u for u in urls if not stats_path(out, reader.shard_name(u)).exists()]
@@ -105,7 +129,7 @@ def _select_shard(url, source: Path, out: Path, selection: SelectionConfig, ids,
                 writer.add_row(key=sample.key, status=ERROR, reason=sample.error, detail=sample.detail,
                                web_caption=sample.web_caption)
                 continue
-            stats.captions_scored += len(cands)
+            stats.captions_scored += sum(c.rule is None for c in cands)  # a rule-dropped one was never scored
             write_candidates(writer, sample, cands, selection, *ids, kind=kind)
     except BaseException:
         writer.abort()
@@ -130,13 +154,13 @@ def _recorded_candidates(sample, row, shard_done: bool, source: Path, clean_text
     if clean_text and web is not None:
         web = clean_caption(web) or None  # as `run` cleans it
     scores, synthetic = row["synthetic_scores"], row["synthetic_captions"] or []
+    cands = row_candidates(row)
     if row["web_caption"] != web:
         sample.error, sample.detail = NO_RECORDED_SCORES, f"{source}: its row holds another web caption"
-    elif (web is not None and row["web_score"] is None) or scores is None or None in scores or \
-            len(scores) != len(synthetic) or (web is None and not synthetic):
+    elif scores is None or len(scores) != len(synthetic) or not cands or \
+            any(c.score is None and c.rule is None for c in cands):  # a caption rule's drop is never scored
         sample.error, sample.detail = NO_RECORDED_SCORES, f"{source}: its row lacks scores"
     else:
         sample.detail = row["detail"] or ""  # e.g. why an image-only sample has no web caption
-        return ([Candidate(web, "web", row["web_score"])] if web is not None else []) + [
-            Candidate(c, "synthetic", s) for c, s in zip(synthetic, scores)]
+        return cands
     return None

@@ -15,6 +15,7 @@ from capfilt.data.writer import recorded_shards
 from capfilt.errors import CapfiltError
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+ROW_SCORES = ("web_score", "synthetic_scores", "web_rule", "synthetic_rules")
 
 
 @dataclass
@@ -33,6 +34,7 @@ class OutputReport:
     synthetic_kept: int = 0
     captions_truncated: int = 0  # scored captions longer than the filter reads, cut
     oom_halvings: int = 0
+    caption_rules: dict[str, int] = field(default_factory=dict)  # captions each rule dropped, web and synthetic
     score_kind: ScoreKind = PROBABILITY
     web_score_quantiles: dict[float, float] = field(default_factory=dict)
     synthetic_score_quantiles: dict[float, float] = field(default_factory=dict)
@@ -48,6 +50,7 @@ def summarize(out: Path) -> OutputReport:
     report.score_kind = score_kind(json.loads((out / MANIFEST).read_text()).get("settings", {}))
     done = set()
     errors: Counter[str] = Counter()
+    rules: Counter[str] = Counter()
     web_scores, synthetic_scores = [], []
     for path in (stats_path(out, shard) for shard in shards):
         if not path.exists():
@@ -60,12 +63,20 @@ def summarize(out: Path) -> OutputReport:
         report.oom_halvings += stats.get("oom_halvings", 0)  # absent from stats written before it existed
         report.captions_truncated += stats.get("captions_truncated", 0)  # likewise
         errors.update(stats["errors"])
-        rows = pq.read_table(out / f"{stats['shard']}.parquet", columns=["web_score", "synthetic_scores"])
+        parquet = out / f"{stats['shard']}.parquet"
+        names = pq.read_schema(parquet).names
+        rows = pq.read_table(parquet, columns=[c for c in ROW_SCORES if c in names])  # format 2: no rule columns
         web = [s for s in rows.column("web_score").to_pylist() if s is not None]
-        synthetic = [s for group in rows.column("synthetic_scores").to_pylist() if group for s in group]
+        # A caption a rule dropped has no score (None), counted by its rule instead.
+        synthetic = [s for group in rows.column("synthetic_scores").to_pylist() if group
+                     for s in group if s is not None]
+        if "web_rule" in names:
+            rules.update(r for r in rows.column("web_rule").to_pylist() if r is not None)
+            rules.update(r for group in rows.column("synthetic_rules").to_pylist() if group for r in group if r)
         web_scores += web
         synthetic_scores += synthetic
     report.errors = dict(errors)
+    report.caption_rules = dict(rules)
     report.web_scored, report.synthetic_scored = len(web_scores), len(synthetic_scores)
     report.web_score_quantiles = _quantiles(web_scores)
     report.synthetic_score_quantiles = _quantiles(synthetic_scores)
@@ -95,6 +106,9 @@ def format_report(r: OutputReport) -> str:
         f"errors           {sum(r.errors.values()):,}"
         + "".join(f"\n  {k:<16} {v:,}" for k, v in sorted(r.errors.items())),
     ]
+    if r.caption_rules:
+        lines.append(f"caption rules    {sum(r.caption_rules.values()):,} captions dropped before scoring"
+                     + "".join(f"\n  {k:<20} {v:,}" for k, v in sorted(r.caption_rules.items())))
     if r.web_scored:
         lines.append(f"web kept         {_rate(r.web_kept, r.web_scored)}")
     if r.synthetic_generated:

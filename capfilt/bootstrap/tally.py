@@ -42,6 +42,7 @@ LOWEST = {PROBABILITY: 0.0, COSINE: -1.0}
 BATCH_ROWS = 4096
 COLUMNS = ["key", "status", "reason", "detail", "web_caption", "web_score", "synthetic_captions",
            "synthetic_scores", "kept_captions"]
+RULE_COLUMNS = ["web_rule", "synthetic_rules"]  # format 3 on: the caption rule that dropped each caption
 
 
 class AtLeast:
@@ -103,7 +104,9 @@ class Sweep:
         self.noisy_scores, self.clean_scores = AtLeast(self.roc_grid), AtLeast(self.roc_grid)
 
     def add(self, web_score: float | None, synthetic_scores: list[float], noisy: bool | None = None) -> None:
-        """One scored sample; `web_score` None: an image-only sample (synthetic captions alone)."""
+        """One scored sample; `web_score` None: an image-only sample (synthetic captions alone), or a web caption
+        a caption rule dropped, as a None among `synthetic_scores` is: never scored, never kept."""
+        synthetic_scores = [s for s in synthetic_scores if s is not None]
         has_web = web_score is not None
         scores = [web_score] * has_web + list(synthetic_scores)
         if not scores:
@@ -194,6 +197,8 @@ class Scan:
     totals: dict[str, Any] = field(default_factory=dict)
     hist: dict[str, np.ndarray] = field(default_factory=dict)
     truth_note: str = ""
+    # Captions each caption rule dropped before scoring, by source (web, synthetic).
+    rules: dict[str, Counter] = field(default_factory=lambda: {"web": Counter(), "synthetic": Counter()})
     kind: ScoreKind = PROBABILITY
     seen: list[float] = field(default_factory=lambda: [np.inf, -np.inf])  # lowest and highest score: the plots' range
 
@@ -247,7 +252,9 @@ def scan(out: Path, samples: int, seed: int) -> Scan:
             except Exception as exc:  # moved or unreachable input: the report goes on without ground truth
                 result.truth_note = f"input shard {stats['input']} could not be read ({type(exc).__name__})"
             truth_found, misses = truth_found or bool(truth), 0 if truth else misses + 1
-        for batch in pq.ParquetFile(out / f"{name}.parquet").iter_batches(batch_size=BATCH_ROWS, columns=COLUMNS):
+        parquet = pq.ParquetFile(out / f"{name}.parquet")
+        columns = COLUMNS + [c for c in RULE_COLUMNS if c in parquet.schema_arrow.names]  # a format-2 shard: none
+        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns):
             for row in batch.to_pylist():
                 _add_row(result, hist, edges, name, row, truth.get(row["key"]))
     result.unfinished = sorted(s for s in shards if s not in done
@@ -259,9 +266,12 @@ def scan(out: Path, samples: int, seed: int) -> Scan:
 
 def _add_row(result: Scan, hist, edges, shard: str, row: dict[str, Any], noisy: bool | None) -> None:
     status = row["status"]
-    item = lambda: {"shard": shard, "noisy": noisy, **{k: row[k] for k in COLUMNS}}  # noqa: E731
+    item = lambda: {"shard": shard, "noisy": noisy, **{k: row.get(k) for k in COLUMNS + RULE_COLUMNS}}  # noqa: E731
     if status in result.buckets:
         result.buckets[status].offer(item)
+    if status != ERROR:  # rules apply in caption-only runs too, which score nothing
+        result.rules["web"].update([row["web_rule"]] if row.get("web_rule") else [])
+        result.rules["synthetic"].update(r for r in row.get("synthetic_rules") or [] if r)
     if status == ERROR or row["synthetic_scores"] is None:  # an error, or nothing scored (`capfilt caption`)
         return
     synthetic = [s for s in row["synthetic_scores"] if s is not None]

@@ -56,7 +56,8 @@ class NoiseReport:
                  f"precision of the removals       {self.precision:.2f}"]
         for ex in self.examples:
             lines.append(f"  web: {ex['web']!r}{'  [planted noise]' if ex['noisy'] else ''}")
-            lines += [f"    synthetic: {c!r} ({s:.2f}{', kept' if k else ''})" for c, s, k in ex["synthetic"]]
+            lines += [f"    synthetic: {c!r} ({'unscored' if s is None else f'{s:.2f}'}{', kept' if k else ''})"
+                      for c, s, k in ex["synthetic"]]  # unscored: a caption rule dropped it
         return "\n".join(lines)
 
 

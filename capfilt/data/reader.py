@@ -2,6 +2,17 @@
 
 Everything that can be wrong with input data becomes a `Sample` with an `error` reason code instead of an
 exception, so one bad image, caption or tar never takes good samples down with it.
+
+The batch contract between this layer and the models: each model exposes `preprocess`, a picklable `Preprocess`
+(one decoded RGB PIL image -> that model's own inputs for it: a dict of tensors, e.g. BLIP's
+`{"pixel_values": (1, 3, H, W)}`, Qwen2-VL's patch rows and `image_grid_thw`, Idefics3's crops, a VLM's prompt
+`input_ids`), and a `.signature` string (equal signatures: identical preprocessing, so two models share one
+result). The workers run every distinct preprocess on every decoded image, so all CPU preprocessing (resizing,
+cropping, patching, tokenising the prompt) overlaps with the models' compute. A `Batch` then carries
+`inputs[signature]`: one entry per usable sample, in order (`Sample.input_row` indexes it), each the dict that
+preprocess returned for that image. The models take a list of such entries and collate it themselves
+(concatenating, padding), so any subset or slice of a batch (samples dropped, OOM halving) is a list slice.
+An image a preprocess refuses becomes an `image_rejected` error sample, as an undecodable one is `corrupt_image`.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from capfilt.data.schema import (
     CORRUPT_IMAGE,
     DUPLICATE_KEY,
     EMPTY_TAR,
+    IMAGE_REJECTED,
     NO_IMAGE,
     TRUNCATED_TAR,
     UNREADABLE_TAR,
@@ -123,7 +135,7 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     detail: str = ""
-    pixel_row: int | None = None  # row of this sample's image in its Batch's pixel tensors
+    input_row: int | None = None  # index of this sample's entry in each of its Batch's `inputs` lists
 
 
 def parse_sample(raw: dict[str, Any]) -> Sample:
@@ -252,19 +264,23 @@ def read_shard(url: str) -> Iterator[Sample]:
 # ----------------------------------------------------------------------------------------------- batches
 
 
+Inputs = dict[str, torch.Tensor]  # one image's inputs for one model, as its preprocess returns them
+
+
 @dataclass
 class Batch:
-    """Consecutive samples of one shard, in input order. `pixels[name]` is (n_ok, 3, H, W) float32 for the
-    samples without `error`, in order, one tensor per distinct image transform."""
+    """Consecutive samples of one shard, in input order. `inputs[signature]` holds, for the samples without
+    `error` and in their order, one `Inputs` per image from the preprocess of that signature."""
 
     shard: str
     index: int
     samples: list[Sample]
-    pixels: dict[str, torch.Tensor]
+    inputs: dict[str, list[Inputs]]
 
     def pin_memory(self) -> Batch:
         # The DataLoader's pin thread calls this; without it a dataclass passes through unpinned.
-        return replace(self, pixels={name: tensor.pin_memory() for name, tensor in self.pixels.items()})
+        return replace(self, inputs={key: [{k: t.pin_memory() for k, t in one.items()} for one in rows]
+                                     for key, rows in self.inputs.items()})
 
 
 @dataclass
@@ -277,7 +293,7 @@ class ShardEnd:
     retrying: bool = False
 
 
-ImageTransform = Callable[[list[Image.Image]], torch.Tensor]
+Preprocess = Callable[[Image.Image], Inputs]  # picklable: it runs in the DataLoader workers
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -294,13 +310,13 @@ class ShardStream(IterableDataset):
     def __init__(
         self,
         urls: Sequence[str],
-        transforms: dict[str, ImageTransform],
+        preprocessors: dict[str, Preprocess],
         batch_size: int,
         retries: int = 2,
         retry_wait_s: float = 1.0,
         claim: Callable[[str], bool] | None = None,
     ):
-        self.urls, self.transforms, self.batch_size = list(urls), transforms, batch_size
+        self.urls, self.preprocessors, self.batch_size = list(urls), preprocessors, batch_size
         self.retries, self.retry_wait_s, self.claim = retries, retry_wait_s, claim
 
     def __iter__(self) -> Iterator[Batch | ShardEnd]:
@@ -329,28 +345,40 @@ class ShardStream(IterableDataset):
 
     def _batches(self, name: str, samples: Iterator[Sample]) -> Iterator[Batch]:
         pending: list[Sample] = []
-        images: list[Image.Image] = []
+        inputs: dict[str, list[Inputs]] = {key: [] for key in self.preprocessors}
+        usable = 0
         index = 0
         for sample in samples:
             if sample.error is None:
-                try:
-                    images.append(decode_image(sample.image))
-                    sample.pixel_row = len(images) - 1
-                except Exception as exc:  # PIL raises many types for bad bytes
-                    sample.error, sample.detail = CORRUPT_IMAGE, f"{type(exc).__name__}: {exc}"
-            pending.append(sample)
-            if len(images) == self.batch_size:
-                yield self._batch(name, index, pending, images)
-                pending, images, index = [], [], index + 1
-        if pending:
-            yield self._batch(name, index, pending, images)
-
-    def _batch(self, name: str, index: int, samples: list[Sample], images: list[Image.Image]) -> Batch:
-        pixels = {key: transform(images) for key, transform in self.transforms.items()} if images else {}
-        for sample in samples:
+                self._preprocess(sample, inputs)
+                if sample.error is None:
+                    sample.input_row = usable
+                    usable += 1
             if sample.error is not None:
                 sample.image = None  # nothing downstream needs the bytes of a failed sample
-        return Batch(name, index, samples, pixels)
+            pending.append(sample)
+            if usable == self.batch_size:
+                yield Batch(name, index, pending, inputs)
+                pending, inputs, usable, index = [], {key: [] for key in self.preprocessors}, 0, index + 1
+        if pending:
+            yield Batch(name, index, pending, inputs if usable else {})
+
+    def _preprocess(self, sample: Sample, inputs: dict[str, list[Inputs]]) -> None:
+        """Decode the sample's image and run every preprocess on it; a failure makes the sample an error."""
+        try:
+            image = decode_image(sample.image)
+        except Exception as exc:  # PIL raises many types for bad bytes
+            sample.error, sample.detail = CORRUPT_IMAGE, f"{type(exc).__name__}: {exc}"
+            return
+        mine = {}
+        for key, preprocess in self.preprocessors.items():
+            try:
+                mine[key] = preprocess(image)
+            except Exception as exc:  # a model's processor refusing an image (too small, too elongated...)
+                sample.error, sample.detail = IMAGE_REJECTED, f"{type(exc).__name__}: {exc}"
+                return
+        for key, one in mine.items():  # all or nothing, so every list keeps one entry per usable sample
+            inputs[key].append(one)
 
 
 def _identity(item):

@@ -12,8 +12,10 @@ import pyarrow as pa
 from capfilt.data.files import TMP_SUFFIX
 
 # 1: manifests without "format" (before 2026-12-02; the oldest also without "shards"). 2: the manifest carries
-# this number and names every shard a run may write. A reader refuses a newer format than its own.
-FORMAT_VERSION = 2
+# this number and names every shard a run may write. 3: caption rules, the parquet's `web_rule` and
+# `synthetic_rules` columns (a score is null where a rule dropped the caption); a format-2 shard reads as one
+# whose captions all passed. A reader refuses a newer format than its own.
+FORMAT_VERSION = 3
 
 MANIFEST = "capfilt_run.json"
 STATS_SUFFIX = "_stats.json"
@@ -26,6 +28,8 @@ OK, DROPPED, ERROR = "ok", "dropped", "error"
 # Reason codes a user sees in the parquet `reason` column and in the stats.
 NO_IMAGE = "no_image"
 CORRUPT_IMAGE = "corrupt_image"
+# The image decodes, but a model's own processor refuses it (e.g. Qwen2-VL's: an aspect ratio over 200).
+IMAGE_REJECTED = "image_rejected"
 MISSING_CAPTION = "missing_caption"
 CAPTION_NOT_UTF8 = "caption_not_utf8"
 BAD_JSON = "bad_json"
@@ -37,6 +41,17 @@ DUPLICATE_KEY = "duplicate_key"
 NO_RECORDED_SCORES = "no_recorded_scores"
 # A dropped row: no caption of the image passed the filter.
 ALL_BELOW_THRESHOLD = "all_captions_below_threshold"
+# A dropped row: every caption of the image failed a caption rule, so none was scored.
+ALL_FAILED_RULES = "all_captions_failed_rules"
+
+# Caption rules (capfilt.data.caption_rules), checked in this order; a caption gets the first it fails, in the
+# parquet's `web_rule` / `synthetic_rules` columns and its json candidate's `rule`.
+TOO_FEW_WORDS = "too_few_words"
+TOO_LITTLE_TEXT = "too_little_text"
+MARKUP_OR_CODE = "markup_or_code"
+REPEATED_NGRAMS = "repeated_ngrams"
+UNFINISHED_SENTENCE = "unfinished_sentence"
+CAPTION_RULES = (TOO_FEW_WORDS, TOO_LITTLE_TEXT, MARKUP_OR_CODE, REPEATED_NGRAMS, UNFINISHED_SENTENCE)
 
 # What a filter's scores are. A probability: P(match), from an ITM head, SigLIP's sigmoid or a calibration, where
 # 0.5 means a match and a mismatch are equally likely. A cosine: a CLIP model's image-text cosine similarity (the
@@ -63,8 +78,28 @@ ROW_SCHEMA = pa.schema(
         ("synthetic_captions", pa.list_(pa.string())),
         ("synthetic_scores", pa.list_(pa.float64())),
         ("kept_captions", pa.list_(pa.string())),
+        ("web_rule", pa.string()),  # the caption rule the web caption failed (then unscored); null: passed
+        ("synthetic_rules", pa.list_(pa.string())),  # the same per synthetic caption, aligned with its scores
     ]
 )
+
+
+# `capfilt select --keys-only FILE`: one row per kept image, in shard then input order, for a training job that
+# reads only these samples from the original shards (README, "Selecting"). The schema's metadata holds KEYS_META:
+# json of the selection that chose them (source run, policy, threshold, fraction).
+KEYS_SCHEMA = pa.schema(
+    [
+        ("url", pa.string()),  # the input shard as the run read it (local paths absolute): webdataset's __url__
+        ("shard", pa.string()),  # its name, as in the output's NAME.parquet
+        ("key", pa.string()),  # the sample's __key__ in that shard
+        ("caption", pa.string()),  # the caption a full `select` writes as its txt: the best kept one
+        ("source", pa.string()),  # web or synthetic
+        ("score", pa.float64()),  # its recorded score
+        ("kept_captions", pa.list_(pa.string())),  # every kept caption, best first
+        ("kept_scores", pa.list_(pa.float64())),
+    ]
+)
+KEYS_META = b"capfilt"
 
 
 def stats_path(out: Path, shard: str) -> Path:
@@ -80,12 +115,14 @@ def shard_files(shard: str) -> list[str]:
 @dataclass
 class Candidate:
     """One caption of an image. `score` is the filter's (P(match), or a CLIP cosine: `ScoreKind`); `kept` is set
-    by the selection."""
+    by the selection. `rule`: the caption rule it failed (a reason code of CAPTION_RULES), so it was never scored
+    and is never kept."""
 
     caption: str
     source: Literal["web", "synthetic", "human"]  # human: an annotator's caption (the demo's training shards)
     score: float | None = None
     kept: bool | None = None
+    rule: str | None = None
 
 
 def capfilt_block(candidates: list[Candidate], captioner: str | None, filter: str | None,
@@ -95,7 +132,7 @@ def capfilt_block(candidates: list[Candidate], captioner: str | None, filter: st
     `score_kind` when the scores are not probabilities (absent: P(match), as before cosine filters existed)."""
     block: dict[str, Any] = {
         "candidates": [{"caption": c.caption, "source": c.source, "score": c.score, "kept": c.kept}
-                       for c in candidates],
+                       | ({"rule": c.rule} if c.rule is not None else {}) for c in candidates],
         "captioner": captioner,
         "filter": filter,
     }
@@ -116,8 +153,19 @@ def read_block(meta: dict[str, Any]) -> dict[str, Any]:
 
 def read_candidates(meta: dict[str, Any]) -> list[Candidate]:
     """The candidates a capfilt run recorded in a sample's json, in order ([] for any other sample)."""
-    return [Candidate(c["caption"], c.get("source"), c.get("score"), c.get("kept"))
+    return [Candidate(c["caption"], c.get("source"), c.get("score"), c.get("kept"), c.get("rule"))
             for c in read_block(meta).get("candidates") or []]
+
+
+def row_candidates(row: dict[str, Any]) -> list[Candidate]:
+    """A parquet row's candidates read back, web first: captions, recorded scores and rules (an older format's
+    row has no rule columns: its captions all passed)."""
+    web = [Candidate(row["web_caption"], "web", row["web_score"], rule=row.get("web_rule"))] \
+        if row["web_caption"] is not None else []
+    synthetic = row["synthetic_captions"] or []
+    scores = row["synthetic_scores"] or [None] * len(synthetic)
+    rules = row.get("synthetic_rules") or [None] * len(synthetic)
+    return web + [Candidate(c, "synthetic", s, rule=r) for c, s, r in zip(synthetic, scores, rules)]
 
 
 def recorded_kept(meta: dict[str, Any]) -> list[str] | None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,6 +57,7 @@ class Figures:
     synthetic_kept: int
     synthetic_total: int
     examples: list[dict] = field(default_factory=list)
+    synthetic_rules: dict[str, int] = field(default_factory=dict)  # synthetic captions each caption rule dropped
 
 
 @dataclass
@@ -88,11 +90,16 @@ class DemoSummary:
             f"precision of the removals {n.precision:.2f} (base rate {n.noisy / max(1, n.noisy + n.clean):.2f})",
             f"retrieval on held-out photos (ITC): {recalls}",
             f"synthetic captions: BLEU-4 {f.bleu4:.1f} against the 5 human captions (a human caption against the "
-            f"other 4: {f.human_bleu4:.1f}); the filter kept {f.synthetic_kept}/{f.synthetic_total}",
+            f"other 4: {f.human_bleu4:.1f}); the filter kept {f.synthetic_kept}/{f.synthetic_total}"
+            + (f" (the caption rules dropped {sum(f.synthetic_rules.values())} before scoring: "
+               + ", ".join(f"{k} {v}" for k, v in sorted(f.synthetic_rules.items())) + ")"
+               if f.synthetic_rules else ""),
         ]
         for ex in f.examples:
-            lines.append(f"  web: {ex['web']!r} ({ex['web_score']:.2f}){'  [planted noise]' if ex['noisy'] else ''}")
-            lines += [f"    synthetic: {c!r} ({s:.2f}{', kept' if k else ''})" for c, s, k in ex["synthetic"]]
+            web = "unscored" if ex["web_score"] is None else f"{ex['web_score']:.2f}"
+            lines.append(f"  web: {ex['web']!r} ({web}){'  [planted noise]' if ex['noisy'] else ''}")
+            lines += [f"    synthetic: {c!r} ({f'dropped: {r}' if r else f'{s:.2f}'}{', kept' if k else ''})"
+                      for c, s, k, r in ex["synthetic"]]
             lines.append(f"    human: {ex['human']!r}")
         timing = ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items())
         lines += [f"time: {timing} (total {sum(self.seconds.values()):.0f} s)",
@@ -296,9 +303,9 @@ def figures(folds: list[Path], config: DemoConfig, dtype: str = "fp32", examples
     rows = [r for fold in folds for p in sorted((fold / "cleaned").glob("*.parquet"))
             for r in pq.read_table(p).to_pylist() if r["status"] != "error"]
     noisy = [bool(meta[r["key"]]["capfilt_demo"]["noisy"]) for r in rows]
-    web_scores = [r["web_score"] for r in rows]
+    web_scores = [(r["web_score"], n) for r, n in zip(rows, noisy) if r["web_score"] is not None]  # None: a rule's
     # Noise is what the filter should score LOW: the AUC of the negated score against the noisy label.
-    web_auc = roc_auc([-s for s, n in zip(web_scores, noisy) if n], [-s for s, n in zip(web_scores, noisy) if not n])
+    web_auc = roc_auc([-s for s, n in web_scores if n], [-s for s, n in web_scores if not n])
     raw: dict[str, dict[str, float]] = {}
     for fold in folds:
         for kind, values in web_raw_scores(fold, config.device, dtype).items():  # as the bootstrap scored
@@ -342,14 +349,17 @@ def figures(folds: list[Path], config: DemoConfig, dtype: str = "fp32", examples
     human_bleu = sacrebleu.corpus_bleu(held, _transpose([h[1:] for h in human.values()]), lowercase=True).score
 
     kept = sum(c in (r["kept_captions"] or []) for r in rows for c in r["synthetic_captions"] or [])
+    rules = Counter(rule for r in rows for rule in r.get("synthetic_rules") or [] if rule)
     shown = []
     for r, n in zip(rows, noisy):
         if len(shown) < examples and r["synthetic_captions"] and (n or len(shown) % 2):  # noisy and clean ones
             shown.append({"web": r["web_caption"], "web_score": r["web_score"], "noisy": n,
                           "human": human[r["key"]][0], "synthetic": list(zip(
                               r["synthetic_captions"], r["synthetic_scores"], [c in (r["kept_captions"] or [])
-                                                                               for c in r["synthetic_captions"]]))})
-    return Figures(web_auc, raw_auc, calibrations, noise, retrieval, chance, bleu, human_bleu, kept, len(hyps), shown)
+                                                                               for c in r["synthetic_captions"]],
+                              r.get("synthetic_rules") or [None] * len(r["synthetic_captions"])))})
+    return Figures(web_auc, raw_auc, calibrations, noise, retrieval, chance, bleu, human_bleu, kept, len(hyps), shown,
+                   dict(rules))
 
 
 def web_raw_scores(fold: Path, device: str, dtype: str = "fp32") -> dict[str, dict[str, float]]:
@@ -364,7 +374,7 @@ def web_raw_scores(fold: Path, device: str, dtype: str = "fp32") -> dict[str, di
     scores: dict[str, dict[str, float]] = {kind: {} for kind in scorer.raw_scores}
     for start in range(0, len(samples), 16):
         batch = samples[start : start + 16]
-        pixels = scorer.image_transform([decode_image(s.image) for s in batch])
+        pixels = [scorer.preprocess(decode_image(s.image)) for s in batch]
         for kind in scorer.raw_scores:
             values = scorer.raw(pixels, [[s.web_caption] for s in batch], kind)
             scores[kind].update({s.key: v[0] for s, v in zip(batch, values)})

@@ -1,5 +1,6 @@
 """Captioner: an image-grounded text decoder (BLIP, BLIP-2, InstructBLIP or a capfilt Q-Former) that writes
-synthetic captions for a batch of images.
+synthetic captions for a batch of images; `load_captioner` also takes any image-text-to-text VLM
+(`capfilt.models.vlm`).
 
 Defaults are BLIP's CapFilt settings (salesforce/BLIP `generate`): the model's own prompt (BLIP's "a picture
 of ") removed from the output, nucleus sampling with top_p 0.9, top_k 50 and repetition penalty 1.1, lengths
@@ -16,7 +17,16 @@ from transformers import (
 )
 
 from capfilt.errors import CapfiltError
-from capfilt.models.loading import ImageTransform, load_image_transform, load_model, load_tokenizer, vision_dtype
+from capfilt.models import vlm
+from capfilt.models.loading import (
+    PixelPreprocess,
+    load_config,
+    load_image_transform,
+    load_model,
+    load_tokenizer,
+    stack_pixels,
+    vision_dtype,
+)
 from capfilt.models.qformer import LLM_TOKENIZER, QFormerModel
 from capfilt.models.qformer import MODEL_TYPE as CAPFILT_QFORMER
 from capfilt.settings import CaptionerConfig
@@ -27,17 +37,33 @@ CAPTIONER_CLASSES = {"blip": BlipForConditionalGeneration, "blip-2": Blip2ForCon
 # instruction. An LLM's prompt never ends in a space: a byte-level BPE tokenizer would make it a lone-space token,
 # which its LLM never saw before a word.
 PROMPTS = {"blip": "a picture of ", "blip-2": "a photo of", "instructblip": "A short image caption:"}
+# What else a captioner may be, for the one line an unusable checkpoint gets.
+VLMS = ("an image-text-to-text VLM (Qwen2-VL and Qwen2.5-VL, SmolVLM / Idefics3, LLaVA, PaliGemma, Florence-2, "
+        "...) such as Qwen/Qwen2-VL-2B-Instruct",)
+
+
+def load_captioner(config: CaptionerConfig):
+    """The captioner `config.model` is: a BLIP-family `Captioner`, or a `VlmCaptioner` for any other model type
+    transformers' image-text-to-text auto class loads (decided from its config, as transformers decides)."""
+    model_config = load_config(config.model, "captioner")
+    if model_config.model_type not in CAPTIONER_CLASSES and vlm.is_vlm(model_config):
+        return vlm.VlmCaptioner(config)
+    return Captioner(config)
 
 
 class Captioner:
-    """`captioner(pixel_values, seed)` -> for each image, `num_captions` synthetic captions (prompt removed).
+    """`captioner(inputs, seed)` -> for each image, `num_captions` synthetic captions (prompt removed).
 
-    pixel_values: (B, 3, H, W) from `self.image_transform`. Built once at the entry point; touches no paths.
+    inputs: one entry per image from `self.preprocess` (see capfilt.data.reader). Built once at the entry
+    point; touches no paths.
     """
+
+    # Settings this captioner does not read (kept out of an output's recorded settings, so resumes match).
+    unused_settings = ("max_new_tokens",)
 
     def __init__(self, config: CaptionerConfig):
         self.config = config
-        self.model = load_model(config.model, "captioner", CAPTIONER_CLASSES, config.device, config.dtype)
+        self.model = load_model(config.model, "captioner", CAPTIONER_CLASSES, config.device, config.dtype, VLMS)
         self.kind = self.model.config.model_type
         self.is_capfilt = self.kind == CAPFILT_QFORMER
         self.uses_llm = not self.is_capfilt or self.model.has_language_model  # else a stage-1 Q-Former's ITG decoder
@@ -45,7 +71,7 @@ class Captioner:
                                         subfolder=LLM_TOKENIZER if self.is_capfilt and self.uses_llm else "")
         if not self.uses_llm and config.sampling == "beam":
             raise CapfiltError(f"captioner {config.model!r} is a stage-1 Q-Former: it captions with nucleus or greedy")
-        self.image_transform: ImageTransform = load_image_transform(config.model, self.model.config.vision_config)
+        self.preprocess = PixelPreprocess(load_image_transform(config.model, self.model.config.vision_config))
         # capfilt models caption after the prompt they were trained with (stage 1's ITG decoder: none).
         own = (self.model.config.prompt if self.uses_llm else "") if self.is_capfilt else PROMPTS[self.kind]
         self.prompt = own if config.prompt is None else config.prompt
@@ -58,6 +84,9 @@ class Captioner:
         if self.kind == "instructblip":
             qformer_tokenizer = load_tokenizer(config.model, "captioner", "qformer_tokenizer")
             self.instruction = list(qformer_tokenizer(self.prompt).input_ids)
+        self.eos_token_ids = None  # an LLM's captions end at its generation config's end or its tokenizer's
+        if self.kind in ("blip-2", "instructblip"):
+            self.eos_token_ids = vlm.end_of_text_ids(self.model.generation_config, self.tokenizer)
 
     @property
     def device(self) -> torch.device:
@@ -84,7 +113,8 @@ class Captioner:
         return [self.model.config.text_config.bos_token_id] + list(ids[1:-1])
 
     @torch.inference_mode()
-    def __call__(self, pixel_values: torch.Tensor, seed: int | None = None) -> list[list[str]]:
+    def __call__(self, inputs: list[dict[str, torch.Tensor]], seed: int | None = None) -> list[list[str]]:
+        pixel_values = stack_pixels(inputs)
         batch = pixel_values.shape[0]
         pixel_values = pixel_values.to(self.device, vision_dtype(self.model), non_blocking=True)
         if seed is not None:
@@ -100,6 +130,7 @@ class Captioner:
             queries = self.model.config.num_query_tokens
             image_tokens = torch.full((batch, queries), self.model.config.image_token_index, device=self.device)
             input_ids = torch.cat([image_tokens, prefix], dim=1)
+            kwargs["eos_token_id"] = self.eos_token_ids
             if self.instruction is not None:
                 kwargs["qformer_input_ids"] = torch.tensor([self.instruction], device=self.device).repeat(batch, 1)
             out = self.model.generate(pixel_values, input_ids=input_ids, **kwargs)

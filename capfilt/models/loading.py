@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image
@@ -58,6 +59,7 @@ KINDS = {
     "CLIPModel": ("a CLIP checkpoint (OpenAI, LAION, DFN, MetaCLIP)", "openai/clip-vit-base-patch32"),
     "MetaClip2Model": ("a MetaCLIP 2 checkpoint", "facebook/metaclip-2-worldwide-huge-quickgelu"),
     "SiglipModel": ("a SigLIP or fixed-resolution SigLIP 2 checkpoint", "google/siglip-so400m-patch14-384"),
+    "Siglip2Model": ("a SigLIP 2 NaFlex checkpoint", "google/siglip2-base-patch16-naflex"),
 }
 _MODEL_TYPES = {"blip": "a BLIP", "blip-2": "a BLIP-2", "instructblip": "an InstructBLIP", "clip": "a CLIP",
                 "siglip": "a SigLIP", "siglip2": "a SigLIP 2", "metaclip_2": "a MetaCLIP 2"}
@@ -73,18 +75,20 @@ def _kind(class_name: str, model_type: str) -> str:
     return f"{_family(model_type)} checkpoint for another task"
 
 
-def _wanted(role: str, classes: dict[str, type[PreTrainedModel]]) -> str:
-    kinds = [f"{KINDS[c.__name__][0]} such as {KINDS[c.__name__][1]}" for c in classes.values()]
+def _wanted(role: str, classes: dict[str, type[PreTrainedModel]], others: tuple[str, ...] = ()) -> str:
+    kinds = [f"{KINDS[c.__name__][0]} such as {KINDS[c.__name__][1]}" for c in classes.values()] + list(others)
     return f"a {role} must be " + ", ".join(kinds[:-1]) + f" or {kinds[-1]}"
 
 
-def load_model(name: str, role: str, classes: dict[str, type[PreTrainedModel]], device: str, dtype: str):
-    """Load `name` with the class that `classes` maps its `model_type` to; refuse checkpoints of the wrong head."""
+def load_model(name: str, role: str, classes: dict[str, type[PreTrainedModel]], device: str, dtype: str,
+               others: tuple[str, ...] = ()):
+    """Load `name` with the class that `classes` maps its `model_type` to; refuse checkpoints of the wrong head.
+    `others`: what else the role accepts, in users' words, for the refusal."""
     config = load_config(name, role)
     cls = classes.get(config.model_type)
     if cls is None:
         raise CapfiltError(f"{role} {name!r} is {_family(config.model_type)} model, which capfilt cannot use as "
-                           f"a {role}: {_wanted(role, classes)}")
+                           f"a {role}: {_wanted(role, classes, others)}")
     architectures = getattr(config, "architectures", None) or []
     if architectures and cls.__name__ not in architectures:
         raise CapfiltError(f"{role} {name!r} is {_kind(architectures[0], config.model_type)}, not "
@@ -125,6 +129,44 @@ class ImageTransform:
     def signature(self) -> str:
         """Equal signatures mean identical preprocessing, so captioner and filter can share one tensor."""
         return self.processor.to_json_string()
+
+
+@dataclass(frozen=True)
+class PixelPreprocess:
+    """The `Preprocess` (see capfilt.data.reader) of a model that takes pixels alone (the BLIP family): one image
+    -> `{"pixel_values": (1, 3, H, W)}`. Its image processor treats each image on its own, so a batch stacked
+    from these rows is the tensor it would have made from the whole list."""
+
+    transform: ImageTransform
+
+    def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.transform([image])}
+
+    @property
+    def signature(self) -> str:
+        return self.transform.signature
+
+
+@dataclass(frozen=True)
+class ProcessorPreprocess:
+    """The `Preprocess` of a model that takes all its image processor gives, as it gives it (SigLIP 2 NaFlex:
+    patches at the image's own aspect ratio padded to a fixed count, their mask, the patch grid): one image ->
+    those tensors, each (1, ...), so that rows concatenate into a batch."""
+
+    processor: Any
+
+    def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        return dict(self.processor(images=[image], return_tensors="pt"))
+
+    @property
+    def signature(self) -> str:
+        return self.processor.to_json_string()
+
+
+def stack_pixels(inputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """(B, 3, H, W) from B `PixelPreprocess` rows; a single row is used as is (no copy)."""
+    rows = [one["pixel_values"] for one in inputs]
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 # Towers whose position embeddings fix the input to their `image_size` square (no interpolation).

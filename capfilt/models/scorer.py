@@ -27,21 +27,25 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers import (
+    AutoImageProcessor,
     Blip2ForImageTextRetrieval,
     BlipForImageTextRetrieval,
     CLIPModel,
     MetaClip2Model,
+    Siglip2Model,
     SiglipModel,
 )
 
 from capfilt.errors import CapfiltError
 from capfilt.models import losses
 from capfilt.models.loading import (
-    ImageTransform,
+    PixelPreprocess,
+    ProcessorPreprocess,
     load_config,
     load_image_transform,
     load_model,
     load_tokenizer,
+    stack_pixels,
     vision_dtype,
 )
 from capfilt.models.qformer import MODEL_TYPE as CAPFILT_QFORMER
@@ -53,11 +57,11 @@ logger = logging.getLogger(__name__)
 ITM_CLASSES = {"blip": BlipForImageTextRetrieval, "blip-2": Blip2ForImageTextRetrieval,
                CAPFILT_QFORMER: QFormerModel}
 # By the config's model_type, as transformers' AutoModel maps it: MetaCLIP (1), LAION's and DFN's CLIPs are "clip";
-# the fixed-resolution SigLIP 2 checkpoints are "siglip" (with a Gemma tokenizer).
-DUAL_ENCODER_CLASSES = {"clip": CLIPModel, "metaclip_2": MetaClip2Model, "siglip": SiglipModel}
+# the fixed-resolution SigLIP 2 checkpoints are "siglip" (with a Gemma tokenizer), the NaFlex ones "siglip2".
+DUAL_ENCODER_CLASSES = {"clip": CLIPModel, "metaclip_2": MetaClip2Model, "siglip": SiglipModel,
+                        "siglip2": Siglip2Model}
 SCORER_CLASSES = {**ITM_CLASSES, **DUAL_ENCODER_CLASSES}
-# SigLIP 2's NaFlex checkpoints (Siglip2Model): variable-resolution patch sequences with a mask and their grid,
-# where capfilt's batches carry one (B, 3, H, W) tensor per image processor.
+# SigLIP 2 NaFlex: each image as patches at its own aspect ratio, padded to a fixed count, with their mask and grid.
 NAFLEX = "siglip2"
 ENC_TOKEN, DEC_TOKEN = "[ENC]", "[DEC]"
 RAW_SCORES = ("itm", "itc")  # an ITM filter's
@@ -155,12 +159,12 @@ def encode(tokenizer, texts: list[str], max_length: int, pad_to_max: bool, mask:
 
 
 class Scorer:
-    """`scorer(pixel_values, texts)` -> a score per caption, shaped like `texts`: the filter's own (an ITM
-    head's P(match), SigLIP's match probability, CLIP's cosine), or the calibrated P(match) of
-    `config.calibration`.
+    """`scorer(inputs, texts)` -> a score per caption, shaped like `texts`: the filter's own (an ITM head's
+    P(match), SigLIP's match probability, CLIP's cosine), or the calibrated P(match) of `config.calibration`.
 
     `Scorer(config)` builds the kind the checkpoint's config names (`ItmScorer` or `DualEncoderScorer`).
-    pixel_values: (B, 3, H, W) from `self.image_transform`; texts: B lists of captions (any lengths).
+    inputs: one entry per image from `self.preprocess` (see capfilt.data.reader); texts: B lists of captions (any
+    lengths).
     """
 
     cosine = False  # whether the scores are cosine similarities rather than probabilities
@@ -190,20 +194,20 @@ class Scorer:
     def device(self) -> torch.device:
         return self.model.device
 
-    def __call__(self, pixel_values: torch.Tensor, texts: list[list[str]]) -> list[list[float]]:
+    def __call__(self, inputs: list[dict[str, torch.Tensor]], texts: list[list[str]]) -> list[list[float]]:
         if self.calibration is None:
-            scores = self.own(pixel_values, texts)
+            scores = self.own(inputs, texts)
         else:
             scores = [[self.calibration(v) for v in group]
-                      for group in self.raw(pixel_values, texts, self.calibration.score)]
+                      for group in self.raw(inputs, texts, self.calibration.score)]
         self.captions_truncated += self._last_truncated  # counted once the batch is scored (an OOM retries it)
         return scores
 
-    def own(self, pixel_values: torch.Tensor, texts: list[list[str]]) -> list[list[float]]:
+    def own(self, inputs: list[dict[str, torch.Tensor]], texts: list[list[str]]) -> list[list[float]]:
         """The filter's own score, uncalibrated."""
         raise NotImplementedError
 
-    def raw(self, pixel_values: torch.Tensor, texts: list[list[str]], kind: str) -> list[list[float]]:
+    def raw(self, inputs: list[dict[str, torch.Tensor]], texts: list[list[str]], kind: str) -> list[list[float]]:
         """Raw scores of `kind` (one of `raw_scores`), shaped like `texts`."""
         raise NotImplementedError
 
@@ -214,12 +218,8 @@ class Scorer:
 
 def scorer_class(name: str) -> type[Scorer]:
     """The scorer for the checkpoint `name`, by its config's model_type (a dual encoder's, else an ITM head's,
-    which also refuses what is neither); SigLIP 2 NaFlex in one line."""
+    which also refuses what is neither)."""
     model_type = load_config(name, "filter").model_type
-    if model_type == NAFLEX:
-        raise CapfiltError(f"filter {name!r} is a SigLIP 2 NaFlex (variable-resolution) checkpoint, which capfilt "
-                           "cannot use yet: use a fixed-resolution SigLIP 2 (such as google/siglip2-base-patch16-224"
-                           "), a SigLIP or a CLIP checkpoint")
     return DualEncoderScorer if model_type in DUAL_ENCODER_CLASSES else ItmScorer
 
 
@@ -232,9 +232,10 @@ def _split(scores: list[float], texts: list[list[str]]) -> list[list[float]]:
 
 
 class DualEncoderScorer(Scorer):
-    """CLIP, MetaCLIP 2 or SigLIP: the cosine of each caption's embedding to its image's. SigLIP (the model with a
-    `logit_bias`: its pairwise sigmoid loss) scores P(match) = sigmoid(exp(logit_scale) * cosine + logit_bias),
-    its raw score the logit; CLIP scores the cosine itself, which is also its raw score."""
+    """CLIP, MetaCLIP 2, SigLIP or SigLIP 2: the cosine of each caption's embedding to its image's. SigLIP (the
+    model with a `logit_bias`: its pairwise sigmoid loss) scores P(match) = sigmoid(exp(logit_scale) * cosine +
+    logit_bias), its raw score the logit; CLIP scores the cosine itself, which is also its raw score. A NaFlex
+    SigLIP 2 takes whatever its image processor gives (patches, their mask and grid), collated per key."""
 
     @property
     def sigmoid_loss(self) -> bool:
@@ -260,15 +261,18 @@ class DualEncoderScorer(Scorer):
         # processor does. The attention mask goes in only where the tokenizer gives one (SigLIP's does not).
         self.pad_to_max = self.sigmoid_loss
         self.mask = "attention_mask" in self.tokenizer.model_input_names
-        self.image_transform: ImageTransform = load_image_transform(config.model, self.model.config.vision_config)
+        if self.model.config.model_type == NAFLEX:  # no fixed square: its own processor's patches, as they come
+            self.preprocess = ProcessorPreprocess(_image_processor(config.model))
+        else:
+            self.preprocess = PixelPreprocess(load_image_transform(config.model, self.model.config.vision_config))
 
-    def own(self, pixel_values: torch.Tensor, texts: list[list[str]]) -> list[list[float]]:
+    def own(self, inputs: list[dict[str, torch.Tensor]], texts: list[list[str]]) -> list[list[float]]:
         if not self.sigmoid_loss:
-            return self.raw(pixel_values, texts, "cosine")
-        return [[sigmoid(v) for v in group] for group in self.raw(pixel_values, texts, "logit")]
+            return self.raw(inputs, texts, "cosine")
+        return [[sigmoid(v) for v in group] for group in self.raw(inputs, texts, "logit")]
 
     @torch.inference_mode()
-    def raw(self, pixel_values: torch.Tensor, texts: list[list[str]], kind: str) -> list[list[float]]:
+    def raw(self, inputs: list[dict[str, torch.Tensor]], texts: list[list[str]], kind: str) -> list[list[float]]:
         if kind not in self.raw_scores:
             raise ValueError(f"unknown raw score {kind!r}: one of {self.raw_scores}")
         flat = [t for group in texts for t in group]
@@ -276,8 +280,11 @@ class DualEncoderScorer(Scorer):
         if not flat:
             return [[] for _ in texts]
         owner = torch.tensor([i for i, group in enumerate(texts) for _ in group], device=self.device)
-        pixel_values = pixel_values.to(self.device, vision_dtype(self.model), non_blocking=True)
-        image = self.model.get_image_features(pixel_values=pixel_values).pooler_output  # (B, E)
+        dtype = vision_dtype(self.model)
+        image_inputs = {key: torch.cat([one[key] for one in inputs]) for key in inputs[0]}  # (B, ...) each
+        image_inputs = {key: value.to(self.device, dtype if value.is_floating_point() else value.dtype,
+                                      non_blocking=True) for key, value in image_inputs.items()}
+        image = self.model.get_image_features(**image_inputs).pooler_output  # (B, E)
         tokens = self._tokens(flat, self.pad_to_max, self.mask)
         text = self.model.get_text_features(**tokens).pooler_output  # (T, E)
         # fp32 from here: the cosine and its scale as the model's own forward computes them in fp32.
@@ -286,6 +293,14 @@ class DualEncoderScorer(Scorer):
         if kind == "logit":
             scores = scores * self.model.logit_scale.float().exp() + self.model.logit_bias.float()
         return _split(scores.tolist(), texts)
+
+
+def _image_processor(name: str):
+    try:
+        return AutoImageProcessor.from_pretrained(name)
+    except (OSError, ValueError, TypeError) as exc:
+        first_line = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise CapfiltError(f"filter {name!r} has no usable image processor: {first_line}") from None
 
 
 class ItmScorer(Scorer):
@@ -302,13 +317,13 @@ class ItmScorer(Scorer):
         self.first_token = None
         if not (self.is_blip2 or self.is_capfilt):
             self.first_token = enc_token_id(self.tokenizer, self.model.config.text_config, config.model)
-        self.image_transform: ImageTransform = load_image_transform(config.model, self.model.config.vision_config)
+        self.preprocess = PixelPreprocess(load_image_transform(config.model, self.model.config.vision_config))
 
-    def own(self, pixel_values: torch.Tensor, texts: list[list[str]]) -> list[list[float]]:
-        return self.raw(pixel_values, texts, "itm", margin=False)
+    def own(self, inputs: list[dict[str, torch.Tensor]], texts: list[list[str]]) -> list[list[float]]:
+        return self.raw(inputs, texts, "itm", margin=False)
 
     @torch.inference_mode()
-    def raw(self, pixel_values: torch.Tensor, texts: list[list[str]], kind: str, margin: bool = True
+    def raw(self, inputs: list[dict[str, torch.Tensor]], texts: list[list[str]], kind: str, margin: bool = True
             ) -> list[list[float]]:
         """Raw scores of `kind` ("itm": the logit margin, or P(match) with margin=False; "itc": the cosine
         similarity), shaped like `texts`."""
@@ -319,7 +334,7 @@ class ItmScorer(Scorer):
         self._last_truncated = 0
         if not flat:
             return [[] for _ in texts]
-        pixel_values = pixel_values.to(self.device, vision_dtype(self.model), non_blocking=True)
+        pixel_values = stack_pixels(inputs).to(self.device, vision_dtype(self.model), non_blocking=True)
         if self.is_capfilt:
             image_embeds = self.model.encode_image(pixel_values)  # (B, N, D), through its trained LayerNorm
         else:
