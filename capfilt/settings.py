@@ -181,9 +181,10 @@ class ScorerConfig:
     model: str = setting(help="The filter (Hub id or local directory): a BLIP or BLIP-2 image-text matching (ITM) "
                               "checkpoint (e.g. Salesforce/blip-itm-large-coco), a `capfilt pretrain` run "
                               "directory, or a CLIP-family dual encoder: CLIP (OpenAI, LAION, DFN, MetaCLIP in CLIP "
-                              "format; e.g. openai/clip-vit-base-patch32), MetaCLIP 2, or SigLIP / fixed-resolution "
-                              "SigLIP 2 (e.g. google/siglip-so400m-patch14-384). Scores: the ITM head's P(match), "
-                              "SigLIP's own match probability, CLIP's cosine similarity (the DataComp CLIP score).",
+                              "format; e.g. openai/clip-vit-base-patch32), MetaCLIP 2, SigLIP or SigLIP 2 (fixed "
+                              "resolution or NaFlex; e.g. google/siglip-so400m-patch14-384). Scores: the ITM "
+                              "head's P(match), SigLIP's own match probability, CLIP's cosine similarity (the "
+                              "DataComp CLIP score).",
                          panel=FILTER, flags=("--filter",))
     max_text_length: int | None = setting(None, "Caption tokens the filter reads; longer captions are cut (and "
                                                 "counted as captions_truncated). None: 35 for BLIP (its ITM "
