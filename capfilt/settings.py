@@ -194,15 +194,23 @@ class CaptionerConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ScorerConfig:
-    model: str = setting(help="A BLIP or BLIP-2 image-text matching (ITM) checkpoint (Hub id or local directory, "
-                              "e.g. Salesforce/blip-itm-large-coco) or a `capfilt pretrain` run directory.",
+    model: str = setting(help="The filter (Hub id or local directory): a BLIP or BLIP-2 image-text matching (ITM) "
+                              "checkpoint (e.g. Salesforce/blip-itm-large-coco), a `capfilt pretrain` run "
+                              "directory, or a CLIP-family dual encoder: CLIP (OpenAI, LAION, DFN, MetaCLIP in CLIP "
+                              "format; e.g. openai/clip-vit-base-patch32), MetaCLIP 2, SigLIP or SigLIP 2 (fixed "
+                              "resolution or NaFlex; e.g. google/siglip-so400m-patch14-384). Scores: the ITM "
+                              "head's P(match), SigLIP's own match probability, CLIP's cosine similarity (the "
+                              "DataComp CLIP score).",
                          panel=FILTER, flags=("--filter",))
-    max_text_length: int | None = setting(None, "None: 35 tokens for BLIP (its ITM training), 32 for BLIP-2's "
-                                                "Q-Former.", cli=False)
+    max_text_length: int | None = setting(None, "Caption tokens the filter reads; longer captions are cut (and "
+                                                "counted as captions_truncated). None: 35 for BLIP (its ITM "
+                                                "training), 32 for BLIP-2's Q-Former, the text tower's positions "
+                                                "for CLIP (77) and SigLIP (64).", cli=False)
     calibration: str | None = setting(None, "A `capfilt calibrate` file for this filter: the score becomes "
-                                            "P(match) fitted on held-out human pairs (ITM margin or ITC "
-                                            "similarity, whichever separated them better). None: the ITM head's "
-                                            "own P(match).", panel=FILTER, path=True)
+                                            "P(match) fitted on held-out human pairs (of the ITM margin or ITC "
+                                            "similarity, whichever separated them better; of CLIP's cosine; of "
+                                            "SigLIP's logit). None: the filter's own score.", panel=FILTER,
+                                    path=True)
     device: str = shared(CaptionerConfig, "device")  # one --device and --dtype for both models
     dtype: str = shared(CaptionerConfig, "dtype")
 
@@ -223,17 +231,18 @@ class CalibrateConfig:
                                           "txt. A few hundred images are plenty.", argument=True)
     out: str = setting(help="The calibration file to write (json), for `--calibration`.", flags=("--out", "-o"),
                        path=True)
-    score: Literal["auto", "itm", "itc"] = setting("auto", "The raw score to calibrate: itm (the ITM head's logit "
-                                                           "margin), itc (the contrastive similarity, BLIP-2's "
-                                                           "ranking score) or auto (the higher ROC AUC).")
+    score: Literal["auto", "itm", "itc", "cosine", "logit"] = setting(
+        "auto", "The raw score to calibrate: itm (a BLIP filter's ITM logit margin), itc (its contrastive "
+                "similarity, BLIP-2's ranking score), cosine (CLIP's), logit (SigLIP's scaled, biased cosine) or "
+                "auto (of the filter's own raw scores, the higher ROC AUC).")
     negatives: int = setting(8, "Mismatched pairs per image: one caption of each of this many other images.")
     clean_text: bool = shared(RunConfig, "clean_text")  # as the runs that will use it clean their captions
     batch_size: int = shared(RunConfig, "batch_size")
     seed: int = setting(0, "Seeds which other images' captions make the mismatched pairs.")
 
     def __post_init__(self):
-        if self.score not in ("auto", "itm", "itc"):
-            raise CapfiltError(f"--score must be auto, itm or itc, got {self.score!r}")
+        if self.score not in ("auto", "itm", "itc", "cosine", "logit"):
+            raise CapfiltError(f"--score must be auto, itm, itc, cosine or logit, got {self.score!r}")
         if self.negatives < 1 or self.batch_size < 1:
             raise CapfiltError("--negatives and --batch-size must be at least 1")
 
@@ -245,13 +254,20 @@ class SelectionConfig:
 
     policy: Literal["blip", "blip2"] = setting("blip", "blip: keep every caption >= threshold; blip2: keep the best "
                                                        "--keep-top of those.", panel=FILTER)
-    threshold: float = setting(0.5, "Minimum P(match) for a caption to be kept.", panel=FILTER)
+    # 0.28: LAION-5B's cut on OpenAI CLIP ViT-B/32 cosines (English pairs), the scale DataComp's CLIP-score
+    # filters work on too; other CLIP models spread their cosines differently (see `capfilt report`'s sweep).
+    threshold: float | None = setting(None, "Minimum score for a caption to be kept. None: 0.5 for a probability "
+                                            "(an ITM head's, SigLIP's, or a calibrated P(match)); 0.28 for a CLIP "
+                                            "cosine (LAION-5B's cut with ViT-B/32; other CLIPs' cosines run on "
+                                            "other scales: read `capfilt report`'s sweep, or --calibration).",
+                                      panel=FILTER)
     keep_top: int = setting(2, "Captions kept per image under --policy blip2.", panel=FILTER)
 
     def __post_init__(self):
         if self.policy not in ("blip", "blip2"):
             raise CapfiltError(f"unknown policy {self.policy!r}: choose blip or blip2")
-        if not 0.0 <= self.threshold <= 1.0:
+        # Both kinds: a cosine threshold below 0 would keep nearly every caption.
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise CapfiltError(f"--threshold must be in [0, 1], got {self.threshold}")
         if self.keep_top < 1:
             raise CapfiltError("--keep-top must be at least 1")
@@ -274,8 +290,8 @@ class SelectConfig:
                                           "samples from the original shards (README, Selecting).", panel=RUN,
                                     path=True)
     policy: str | None = setting(None, "blip or blip2 (default: the recorded run's).", panel=FILTER)
-    threshold: float | None = setting(None, "Minimum P(match) to keep a caption (default: the recorded run's).",
-                                      panel=FILTER)
+    threshold: float | None = setting(None, "Minimum score to keep a caption, of the kind the run recorded "
+                                            "(P(match) or CLIP cosine; default: the recorded run's).", panel=FILTER)
     fraction: float | None = setting(None, "Keep the best F (0 < F <= 1) of the images that have a recorded score, "
                                            "instead of a --threshold: an image counts by its best caption's score "
                                            "(under either policy it is kept when its best caption is), over every "

@@ -1,5 +1,5 @@
-"""Tiny random BLIP / BLIP-2 checkpoints (captioners and ITM filters), Q-Former pre-training parts and VLM
-captioners built from real Hub files, for tests, benchmarks and smoke runs.
+"""Tiny random BLIP / BLIP-2 checkpoints (captioners and ITM filters), Q-Former pre-training parts, VLM
+captioners and CLIP / SigLIP filters built from real Hub files, for tests, benchmarks and smoke runs.
 
 They are built from configs, saved with their processors, and meant to be loaded back through
 `from_pretrained(dir)`, the same path a user's checkpoint takes. Sizes are parameters, so a benchmark can
@@ -194,7 +194,7 @@ def copy_hub_files(files: Path, out: Path) -> Path:
     for path in Path(files).iterdir():
         if path.suffix == ".gz":
             (out / path.stem).write_bytes(gzip.decompress(path.read_bytes()))
-        elif path.suffix in (".json", ".txt", ".jinja"):
+        elif path.suffix in (".json", ".txt", ".jinja", ".model"):  # .model: SigLIP's sentencepiece spiece.model
             shutil.copy(path, out / path.name)
     return out
 
@@ -326,6 +326,41 @@ def build_instructblip(files: Path, path: Path, llm: str = "t5", seed: int = 0) 
     InstructBlipProcessor(image_processor=image_processor, tokenizer=tok, qformer_tokenizer=qformer_tok,
                           num_query_tokens=config.num_query_tokens).save_pretrained(path)
     return str(path)
+
+
+def build_dual_encoders(files: Path, root: Path, seed: int = 0) -> dict[str, str]:
+    """Random CLIP and SigLIP filters with the real Hub files under `files` (see tests/hub_files): depth and width
+    shrunk (1 layer, 32 wide, 16-d embeddings), everything else as the real files have it: vocabularies, special
+    ids, text positions (CLIP 77, SigLIP 64), image sizes and patches, processors, and each config in its Hub
+    layout (CLIP's 4.16-era full dump with the old `eos_token_id` 2, SigLIP's sparse one). SigLIP's scale and bias
+    are set away from their zero init (to exp 10 and -1), so that they count. Returns paths: clip, siglip."""
+    import json
+    import math
+
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+
+    files, root = Path(files), Path(root)
+    torch.manual_seed(seed)
+    narrow = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1)
+    paths = {}
+    for role, folder, config_cls, model_cls in (("clip", "clip-vit-base-patch32", CLIPConfig, CLIPModel),
+                                                ("siglip", "siglip-so400m-patch14-384", SiglipConfig, SiglipModel)):
+        real = json.loads((files / folder / "config.json").read_text())
+        config = {**real, "text_config": {**real["text_config"], **narrow},
+                  "vision_config": {**real["vision_config"], **narrow}}
+        for part in (config, config["text_config"], config["vision_config"]):
+            if "projection_dim" in part:
+                part["projection_dim"] = 16
+        model = model_cls(config_cls.from_dict(config))
+        if hasattr(model, "logit_bias"):
+            with torch.no_grad():
+                model.logit_scale.fill_(math.log(10.0))
+                model.logit_bias.fill_(-1.0)
+        out = copy_hub_files(files / folder, root / role)
+        model.save_pretrained(out)
+        _real_layout(out, config)
+        paths[role] = str(out)
+    return paths
 
 
 # ------------------------------------------------------------------------------------------ VLM captioners
@@ -460,4 +495,34 @@ def florence2_native_stand_in(files: Path, path: Path) -> str:
     Florence2ForConditionalGeneration(config).save_pretrained(path)
     image_processor = CLIPImageProcessorPil.from_pretrained(real_files)
     Florence2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return str(path)
+
+
+def build_siglip2_naflex(path: Path, seed: int = 0) -> str:
+    """A random SigLIP 2 NaFlex filter (`Siglip2Model`: each image as patches at its own aspect ratio). No real
+    SigLIP 2 files are at hand: its config class's defaults narrowed (1 layer, 32 wide; 64 text positions as the
+    real ones), its image processor (patch 16) at 64 patches instead of 256, and as a stand-in for its Gemma
+    tokenizer a small BPE trained on capfilt's word list with Gemma's special ids (pad 0, eos 1, bos 2, unk 3),
+    which transformers reads as its `Siglip2Tokenizer`. Returns its path."""
+    import math
+
+    from tokenizers import SentencePieceBPETokenizer
+    from transformers import PreTrainedTokenizerFast, Siglip2Config, Siglip2Model
+    from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
+
+    torch.manual_seed(seed)
+    raw = SentencePieceBPETokenizer()
+    raw.train_from_iterator([" ".join(WORDS[i : i + 6]) for i in range(len(WORDS))], vocab_size=400,
+                            special_tokens=["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw._tokenizer, pad_token="<pad>", eos_token="<eos>",
+                                        bos_token="<bos>", unk_token="<unk>", mask_token="<mask>")
+    narrow = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1)
+    model = Siglip2Model(Siglip2Config(text_config={**narrow, "vocab_size": len(tokenizer)},
+                                       vision_config={**narrow, "num_patches": 64, "patch_size": 16}))
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(10.0))
+        model.logit_bias.fill_(-1.0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    Siglip2ImageProcessorPil(patch_size=16, max_num_patches=64).save_pretrained(path)
     return str(path)

@@ -56,6 +56,7 @@ class MarkedScorer:
     itc sees it (own caption 1, any other 0); its itm is inverted."""
 
     config = SimpleNamespace(model="marked")
+    raw_scores = ("itm", "itc")
 
     @staticmethod
     def preprocess(image):

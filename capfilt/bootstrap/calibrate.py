@@ -5,9 +5,10 @@ BLIP keeps a caption when its ITM head says P(match) >= 0.5. That holds for a he
 be calibrated on new photos. Fine-tuned on a few hundred pairs, a head memorises them, and its P(match) on
 unseen photos sits far from 0.5 (issue 13: 0.03 for true captions, 0.01 for wrong ones, so 0.5 removed all).
 Here each image is paired with its own captions (matches) and with other images' captions (mismatches). Each
-raw score (the ITM margin; the ITC similarity, which BLIP-2 ranks its captions by) gets its ROC AUC, the better
-one (or the one asked for) is kept, and a class-balanced logistic fit turns it into P(match), so that BLIP's 0.5
-is again the point where a match and a mismatch are equally likely.
+raw score the filter has (a BLIP filter's ITM margin and ITC similarity, which BLIP-2 ranks its captions by;
+CLIP's cosine; SigLIP's logit) gets its ROC AUC, the better one (or the one asked for) is kept, and a
+class-balanced logistic fit turns it into P(match), so that BLIP's 0.5 is again the point where a match and a
+mismatch are equally likely (for CLIP, whose cosine has no such point, it gives one).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from capfilt.data.reader import decode_image, expand_specs, read_shard
 from capfilt.data.schema import read_candidates
 from capfilt.data.text import clean_caption
 from capfilt.errors import CapfiltError
-from capfilt.models.scorer import RAW_SCORES, Calibration, Scorer, sigmoid
+from capfilt.models.scorer import Calibration, Scorer, sigmoid
 from capfilt.settings import CalibrateConfig
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,10 @@ def calibrate(config: CalibrateConfig, scorer: Scorer) -> Calibration:
     if all(matches):
         raise CapfiltError("no mismatched pairs: every image's captions are the same texts; calibration needs "
                            "images with different captions")
-    kinds = RAW_SCORES if config.score == "auto" else (config.score,)
+    kinds = tuple(scorer.raw_scores) if config.score == "auto" else (config.score,)
+    if not set(kinds) <= set(scorer.raw_scores):
+        raise CapfiltError(f"--score {config.score}: filter {scorer.config.model!r} gives "
+                           f"{', '.join(scorer.raw_scores)}")
     raw: dict[str, list[float]] = {kind: [] for kind in kinds}
     by_image: list[list[str]] = [[] for _ in images]
     for p in pairs:

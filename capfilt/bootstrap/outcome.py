@@ -11,7 +11,16 @@ from typing import Any
 
 from capfilt.bootstrap.selection import select
 from capfilt.data.reader import Sample, local_file
-from capfilt.data.schema import ALL_BELOW_THRESHOLD, ALL_FAILED_RULES, DROPPED, OK, capfilt_block, read_block
+from capfilt.data.schema import (
+    ALL_BELOW_THRESHOLD,
+    ALL_FAILED_RULES,
+    DROPPED,
+    OK,
+    PROBABILITY,
+    ScoreKind,
+    capfilt_block,
+    read_block,
+)
 from capfilt.data.writer import ShardWriter
 from capfilt.settings import SelectionConfig
 
@@ -40,7 +49,7 @@ def input_location(url: str) -> str:
 
 
 def write_candidates(writer: ShardWriter, sample: Sample, cands, selection: SelectionConfig,
-                     captioner_id: str | None, filter_id: str | None) -> None:
+                     captioner_id: str | None, filter_id: str | None, kind: ScoreKind = PROBABILITY) -> None:
     """A good sample's parquet row, and its tar sample unless dropped; selects first when it was scored
     (`filter_id` given). `run` and `capfilt select` both write through here, so their bytes agree."""
     stats = writer.stats
@@ -63,11 +72,11 @@ def write_candidates(writer: ShardWriter, sample: Sample, cands, selection: Sele
         stats.web_kept += int(web is not None and bool(web.kept))
         stats.synthetic_kept += sum(bool(c.kept) for c in synthetic)
     writer.write_sample(sample.key, sample.image, sample.image_ext, kept[0].caption,
-                        output_meta(sample, cands, captioner_id, filter_id, selection))
+                        output_meta(sample, cands, captioner_id, filter_id, selection, kind))
     writer.add_row(status=OK, **row)
 
 
 def output_meta(sample: Sample, cands, captioner_id: str | None, filter_id: str | None,
-                 selection: SelectionConfig) -> dict[str, Any]:
+                selection: SelectionConfig, kind: ScoreKind = PROBABILITY) -> dict[str, Any]:
     captioner = captioner_id if captioner_id is not None else read_block(sample.meta).get("captioner")
-    return {**sample.meta, "capfilt": capfilt_block(cands, captioner, filter_id, dict(selection.__dict__))}
+    return {**sample.meta, "capfilt": capfilt_block(cands, captioner, filter_id, dict(selection.__dict__), kind)}

@@ -23,11 +23,11 @@ from tqdm.auto import tqdm
 
 from capfilt.bootstrap.claims import Claims, tidy
 from capfilt.bootstrap.outcome import RunSummary, input_location, write_candidates
-from capfilt.bootstrap.selection import unique_candidates
+from capfilt.bootstrap.selection import kind_of, resolve, unique_candidates
 from capfilt.data import reader
 from capfilt.data.caption_rules import caption_rule
 from capfilt.data.reader import Batch, MemberLimits, Sample, ShardEnd, ShardStream
-from capfilt.data.schema import ERROR, MISSING_CAPTION, stats_path
+from capfilt.data.schema import ERROR, MISSING_CAPTION, PROBABILITY, ScoreKind, stats_path
 from capfilt.data.text import clean_caption
 from capfilt.data.writer import OVERWRITE_ALONE, ShardWriter, check_apart_from_inputs, prepare_output
 from capfilt.errors import CapfiltError
@@ -57,6 +57,8 @@ def run(
     if captioner is None and scorer is None:
         raise CapfiltError("nothing to do: give a captioner, a filter, or both")
     selection = selection or SelectionConfig()
+    kind = kind_of(scorer) if scorer is not None else PROBABILITY
+    selection = resolve(selection, kind)  # the threshold recorded and applied is the kind's default if none given
     urls = reader.expand_specs(config.specs)
     out = Path(config.out)
     me = current_rank()
@@ -89,7 +91,7 @@ def run(
     device = (captioner or scorer).device
     started = time.perf_counter()
     open_shards: dict[str, _OpenShard] = {}
-    stages = _Stages(config, selection, captioner, scorer, captioner_key, scorer_key)
+    stages = _Stages(config, selection, captioner, scorer, captioner_key, scorer_key, kind)
     view = _JobView(out, [reader.shard_name(u) for u in todo], enabled=config.progress and me.rank == 0)
     try:
         for item in reader.stream_batches(stream, config.workers, pin_memory=device.type == "cuda"):
@@ -203,6 +205,8 @@ def _settings(config: RunConfig, captioner, scorer, selection: SelectionConfig) 
         settings["filter"] = {k: v for k, v in scorer.config.__dict__.items() if k not in ("device", "calibration")}
         if scorer.calibration is not None:
             settings["filter"]["calibration"] = asdict(scorer.calibration)
+        if kind_of(scorer) != PROBABILITY:  # no key for a probability: older outputs still resume
+            settings["filter"]["score_kind"] = kind_of(scorer)
         settings["selection"] = dict(selection.__dict__)
     # Limits decide which samples become errors; recorded only when not the defaults, so that outputs written
     # before the limits existed still resume.
@@ -248,6 +252,7 @@ class _Stages:
     scorer: Scorer | None
     captioner_key: str | None  # the preprocess each model's inputs come from
     scorer_key: str | None
+    kind: ScoreKind = PROBABILITY  # of the filter's scores
     fit: FitToMemory = field(default_factory=lambda: FitToMemory())
 
     @property
@@ -275,8 +280,10 @@ def _process(batch: Batch, writer: ShardWriter, stages: _Stages) -> None:
         for c in cands:
             c.rule = caption_rule(c.caption, stages.config.caption_rules, synthetic=c.source == "synthetic")
     if stages.scorer is not None and good:
+        truncated = stages.scorer.captions_truncated
         _score(inputs_of(stages.scorer_key), candidates, stages)
         stats.captions_scored += sum(c.rule is None for cands in candidates for c in cands)
+        stats.captions_truncated += stages.scorer.captions_truncated - truncated
     stats.oom_halvings += stages.fit.halvings - halvings
 
     by_sample = {id(s): c for s, c in zip(good, candidates)}
@@ -289,7 +296,7 @@ def _process(batch: Batch, writer: ShardWriter, stages: _Stages) -> None:
             writer.add_row(key=sample.key, status=ERROR, reason=sample.error, detail=sample.detail,
                            web_caption=sample.web_caption)
             continue
-        write_candidates(writer, sample, cands, stages.selection, *stages.model_ids)
+        write_candidates(writer, sample, cands, stages.selection, *stages.model_ids, kind=stages.kind)
 
 
 def _usable(samples: list[Sample], stats, stages: _Stages) -> list[Sample]:

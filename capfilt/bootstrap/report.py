@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from capfilt.bootstrap.tally import GROUND_TRUTH_FIELDS, HIST_BINS, Scan, Sweep, scan
+from capfilt.bootstrap.tally import GROUND_TRUTH_FIELDS, LOWEST, Scan, Sweep, histogram_edges, scan
 from capfilt.data.files import publish
-from capfilt.data.schema import DROPPED, ERROR, OK
+from capfilt.data.schema import COSINE, DROPPED, ERROR, OK, PROBABILITY, SCORE_LABELS, ScoreKind
 from capfilt.settings import ReportConfig
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,8 @@ MAX_SHARD_ROWS = 200  # shard table rows, at most
 THUMB_PX = 160
 TEXT_CHARS = 300  # captions and details are cut there on the page
 SWEEP_TABLE = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# A CLIP cosine's: around where a good match scores on OpenAI ViT-B/32 (about 0.3) and LAION-5B's 0.28.
+COSINE_SWEEP_TABLE = (0.1, 0.15, 0.2, 0.25, 0.28, 0.3, 0.35, 0.4)
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -95,22 +97,32 @@ def _figure(ncols: int = 1, width: float = 6.4):
     return fig, fig.subplots(1, ncols, squeeze=False)[0]
 
 
-def plot_histograms(hist: dict[str, np.ndarray], threshold: float) -> str:
+def score_range(kind: ScoreKind, seen: list[float]) -> tuple[float, float]:
+    """The plots' score axis: a probability's [0, 1]; for a cosine, the 0.05 steps around the scores seen (CLIP
+    cosines crowd into a small part of [-1, 1])."""
+    if kind == PROBABILITY or not np.isfinite(seen[0]):
+        return LOWEST[kind], 1.0
+    return max(LOWEST[kind], np.floor(seen[0] * 20) / 20 - 0.05), min(1.0, np.ceil(seen[1] * 20) / 20 + 0.05)
+
+
+def plot_histograms(hist: dict[str, np.ndarray], threshold: float, kind: ScoreKind = PROBABILITY,
+                    xlim: tuple[float, float] = (0.0, 1.0)) -> str:
     fig, axes = _figure(2, 9.6)
-    edges = np.linspace(0, 1, HIST_BINS + 1)
+    edges = histogram_edges(kind)
     width = edges[1] - edges[0]
     for ax, source in zip(axes, ("web", "synthetic")):
         kept, removed = hist[f"{source}_kept"], hist[f"{source}_removed"]
         ax.bar(edges[:-1], removed, width=width, align="edge", color="#d62728", label="removed")
         ax.bar(edges[:-1], kept, width=width, align="edge", bottom=removed, color="#2ca02c", label="kept")
         ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
-        ax.set(title=f"{source} captions ({int(kept.sum() + removed.sum()):,})", xlabel="filter score P(match)",
-               ylabel="captions", xlim=(0, 1))
+        ax.set(title=f"{source} captions ({int(kept.sum() + removed.sum()):,})",
+               xlabel=f"filter score: {SCORE_LABELS[kind]}", ylabel="captions", xlim=xlim)
         ax.legend(fontsize=8)
     return _png(fig)
 
 
-def plot_sweep(table: dict[str, np.ndarray], sweep: Sweep, threshold: float) -> str:
+def plot_sweep(table: dict[str, np.ndarray], sweep: Sweep, threshold: float, kind: ScoreKind = PROBABILITY,
+               xlim: tuple[float, float] = (0.0, 1.0)) -> str:
     fig, (ax,) = _figure()
     t = table["threshold"]
     for key, total, label in (("images_kept", sweep.images, "images kept"),
@@ -120,18 +132,20 @@ def plot_sweep(table: dict[str, np.ndarray], sweep: Sweep, threshold: float) -> 
             ax.plot(t, table[key] / total, label=label)
     ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"run's threshold {threshold:g}")
     policy = sweep.policy + (f", keep top {sweep.keep_top}" if sweep.policy == "blip2" else "")
-    ax.set(title=f"keep rate against the threshold (policy {policy})", xlabel="threshold", ylabel="share kept",
-           xlim=(0, 1), ylim=(0, 1.02))
+    ax.set(title=f"keep rate against the threshold (policy {policy})", xlabel=f"threshold ({SCORE_LABELS[kind]})",
+           ylabel="share kept", xlim=(max(0.0, xlim[0]), xlim[1]), ylim=(0, 1.02))
     ax.legend(fontsize=8)
     return _png(fig)
 
 
-def plot_precision_recall(table: dict[str, np.ndarray], threshold: float) -> str:
+def plot_precision_recall(table: dict[str, np.ndarray], threshold: float, kind: ScoreKind = PROBABILITY,
+                          xlim: tuple[float, float] = (0.0, 1.0)) -> str:
     fig, (ax,) = _figure()
     ax.plot(table["threshold"], table["precision"], label="precision of the removals")
     ax.plot(table["threshold"], table["recall"], label="recall of planted noise")
     ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"run's threshold {threshold:g}")
-    ax.set(title="web captions removed vs planted noise", xlabel="threshold", xlim=(0, 1), ylim=(0, 1.02))
+    ax.set(title="web captions removed vs planted noise", xlabel=f"threshold ({SCORE_LABELS[kind]})",
+           xlim=(max(0.0, xlim[0]), xlim[1]), ylim=(0, 1.02))
     ax.legend(fontsize=8)
     return _png(fig)
 
@@ -176,10 +190,11 @@ def build_page(out: Path, result: Scan) -> dict[str, Any]:
     settings, sweep, totals = result.settings, result.sweep, result.totals
     selection = settings.get("selection") or {}
     threshold = float(selection.get("threshold", 0.5))
+    kind, xlim = result.kind, score_range(result.kind, result.seen)
     table = sweep.table()
     ground = "precision" in table
     rows = []
-    for t in sorted(set(SWEEP_TABLE) | {threshold}):
+    for t in sorted(set(COSINE_SWEEP_TABLE if kind == COSINE else SWEEP_TABLE) | {threshold}):
         j = int(np.searchsorted(table["threshold"], t))  # every one of these is on the grid
         rows.append({"threshold": t, "run": t == threshold, "fraction": (settings.get("fraction") or {}).get(
                      "fraction") if t == threshold else None,
@@ -190,12 +205,13 @@ def build_page(out: Path, result: Scan) -> dict[str, Any]:
                      "recall": table["recall"][j] if ground else None})
     plots = []
     if sweep.images:
-        plots.append({"id": "histograms", "title": "Score histograms",
-                      "src": plot_histograms(result.hist, threshold)})
-        plots.append({"id": "sweep", "title": "Threshold sweep", "src": plot_sweep(table, sweep, threshold)})
+        plots.append({"id": "histograms", "title": f"Score histograms ({SCORE_LABELS[kind]})",
+                      "src": plot_histograms(result.hist, threshold, kind, xlim)})
+        plots.append({"id": "sweep", "title": "Threshold sweep",
+                      "src": plot_sweep(table, sweep, threshold, kind, xlim)})
     if ground:
         plots.append({"id": "precision-recall", "title": "Precision and recall against the planted noise",
-                      "src": plot_precision_recall(table, threshold)})
+                      "src": plot_precision_recall(table, threshold, kind, xlim)})
     roc = sweep.roc()
     if roc is not None:
         plots.append({"id": "roc", "title": "ROC", "src": plot_roc(*roc)})
@@ -222,6 +238,7 @@ def build_page(out: Path, result: Scan) -> dict[str, Any]:
         "captioner": (settings.get("captioner") or {}).get("model"),
         "filter": (settings.get("filter") or {}).get("model"), "selected_from": settings.get("selected_from"),
         "calibrated": ((settings.get("filter") or {}).get("calibration") or {}).get("score"),
+        "score_label": SCORE_LABELS[kind], "cosine": kind == COSINE,
         "fraction": settings.get("fraction"),  # `select --fraction`: how its threshold was worked out
         "rules": sorted((code, result.rules["web"][code], result.rules["synthetic"][code])
                         for code in set(result.rules["web"]) | set(result.rules["synthetic"])),

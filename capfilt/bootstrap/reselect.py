@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from capfilt.bootstrap.fraction import FractionThreshold, fraction_threshold
 from capfilt.bootstrap.outcome import RunSummary, input_location, write_candidates
 from capfilt.data import reader
-from capfilt.data.schema import ERROR, MANIFEST, NO_RECORDED_SCORES, row_candidates, stats_path
+from capfilt.data.schema import ERROR, MANIFEST, NO_RECORDED_SCORES, row_candidates, score_kind, stats_path
 from capfilt.data.text import clean_caption
 from capfilt.data.writer import ShardWriter, check_apart_from_inputs, prepare_output
 from capfilt.errors import CapfiltError
@@ -86,7 +86,8 @@ def reselect(config: SelectConfig) -> RunSummary:
     for url in tqdm(todo, unit="shard", desc="shards", disable=not config.progress):
         name = reader.shard_name(url)
         try:
-            stats = _select_shard(url, source, out, selection, ids, bool(settings.get("clean_text")), limits)
+            stats = _select_shard(url, source, out, selection, ids, bool(settings.get("clean_text")),
+                                  score_kind(settings), limits)
         except Exception as exc:  # the input stream broke (missing file, network): the shard is redone next time
             log.warning("shard %s failed: %s", name, exc)
             summary.shards_failed[name] = f"{type(exc).__name__}: {exc}"
@@ -108,7 +109,7 @@ def _recorded_rows(source: Path, name: str) -> tuple[dict[str, deque], dict[str,
     return rows, json.loads(stats_path(source, name).read_text())
 
 
-def _select_shard(url, source: Path, out: Path, selection: SelectionConfig, ids, clean_text: bool,
+def _select_shard(url, source: Path, out: Path, selection: SelectionConfig, ids, clean_text: bool, kind,
                   limits: reader.MemberLimits) -> dict:
     name = reader.shard_name(url)
     rows, recorded_stats = _recorded_rows(source, name)
@@ -116,6 +117,7 @@ def _select_shard(url, source: Path, out: Path, selection: SelectionConfig, ids,
     stats, began = writer.stats, time.perf_counter()
     if recorded_stats is not None:
         stats.synthetic_generated = recorded_stats["synthetic_generated"]  # the captioner's work, not redone here
+        stats.captions_truncated = recorded_stats.get("captions_truncated", 0)  # as the filter read them
     try:
         for sample in reader.read_shard(url, limits):
             if sample.key:
@@ -130,7 +132,7 @@ def _select_shard(url, source: Path, out: Path, selection: SelectionConfig, ids,
                                web_caption=sample.web_caption)
                 continue
             stats.captions_scored += sum(c.rule is None for c in cands)  # a rule-dropped one was never scored
-            write_candidates(writer, sample, cands, selection, *ids)
+            write_candidates(writer, sample, cands, selection, *ids, kind=kind)
     except BaseException:
         writer.abort()
         raise

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from capfilt.bootstrap.claims import ClaimView, survey
-from capfilt.data.schema import MANIFEST, shard_of, stats_path
+from capfilt.data.schema import MANIFEST, PROBABILITY, SCORE_LABELS, ScoreKind, score_kind, shard_of, stats_path
 from capfilt.data.writer import recorded_shards
 from capfilt.errors import CapfiltError
 from capfilt.settings import RunConfig
@@ -35,8 +35,10 @@ class OutputReport:
     synthetic_generated: int = 0
     synthetic_scored: int = 0
     synthetic_kept: int = 0
+    captions_truncated: int = 0  # scored captions longer than the filter reads, cut
     oom_halvings: int = 0
     caption_rules: dict[str, int] = field(default_factory=dict)  # captions each rule dropped, web and synthetic
+    score_kind: ScoreKind = PROBABILITY
     web_score_quantiles: dict[float, float] = field(default_factory=dict)
     synthetic_score_quantiles: dict[float, float] = field(default_factory=dict)
 
@@ -48,6 +50,7 @@ def summarize(out: Path) -> OutputReport:
     shards = recorded_shards(out)  # the manifest's, not every *_stats.json: other files there are not ours
     if shards is None:
         raise CapfiltError(f"{out} holds no capfilt output (no {MANIFEST})")
+    report.score_kind = score_kind(json.loads((out / MANIFEST).read_text()).get("settings", {}))
     done = set()
     errors: Counter[str] = Counter()
     rules: Counter[str] = Counter()
@@ -61,6 +64,7 @@ def summarize(out: Path) -> OutputReport:
         for name in ("read", "written", "dropped", "web_kept", "synthetic_generated", "synthetic_kept"):
             setattr(report, name, getattr(report, name) + stats[name])
         report.oom_halvings += stats.get("oom_halvings", 0)  # absent from stats written before it existed
+        report.captions_truncated += stats.get("captions_truncated", 0)  # likewise
         errors.update(stats["errors"])
         parquet = out / f"{stats['shard']}.parquet"
         names = pq.read_schema(parquet).names
@@ -127,8 +131,13 @@ def format_report(r: OutputReport) -> str:
         lines.append(f"synthetic made   {r.synthetic_generated:,}")
     if r.synthetic_scored:
         lines.append(f"synthetic kept   {_rate(r.synthetic_kept, r.synthetic_scored)}")
+    if r.captions_truncated:
+        lines.append(f"captions cut     {r.captions_truncated:,} (longer than the filter reads: scored on their "
+                     "first tokens, as DataComp scores CLIP's)")
     if r.oom_halvings:
         lines.append(f"OOM halvings     {r.oom_halvings:,} (batches retried in halves; lower --batch-size)")
+    if r.web_scored or r.synthetic_scored:
+        lines.append(f"scores are       {SCORE_LABELS[r.score_kind]}")
     for name, qs in (("web score", r.web_score_quantiles), ("synthetic score", r.synthetic_score_quantiles)):
         if qs:
             lines.append(f"{name:<16} " + "  ".join(f"p{int(q * 100)}={v:.3f}" for q, v in qs.items()))

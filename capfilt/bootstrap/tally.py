@@ -15,7 +15,18 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow.parquet as pq
 
-from capfilt.data.schema import DROPPED, ERROR, MANIFEST, OK, shard_of, stats_path
+from capfilt.data.schema import (
+    COSINE,
+    DROPPED,
+    ERROR,
+    MANIFEST,
+    OK,
+    PROBABILITY,
+    ScoreKind,
+    score_kind,
+    shard_of,
+    stats_path,
+)
 from capfilt.data.writer import recorded_shards
 from capfilt.errors import CapfiltError
 
@@ -24,7 +35,10 @@ GROUND_TRUTH_FIELDS = (("capfilt_demo", "noisy"), ("synth", "noisy"))
 GRID_STEP = 0.01  # threshold sweep resolution; the run's own threshold is added to the grid exactly
 ROC_POINTS = 1001
 TRUTH_PROBE = 3  # shards read for ground truth before concluding the corpus has none
-HIST_BINS = 40
+HIST_BINS = 40  # per unit of score
+# The lowest score each kind can take (a probability's 0, a cosine's -1): the histograms' and the ROC's range.
+# Thresholds stay in [0, 1] for both (a negative cosine threshold keeps nearly everything).
+LOWEST = {PROBABILITY: 0.0, COSINE: -1.0}
 BATCH_ROWS = 4096
 COLUMNS = ["key", "status", "reason", "detail", "web_caption", "web_score", "synthetic_captions",
            "synthetic_scores", "kept_captions"]
@@ -75,6 +89,7 @@ class Sweep:
     thresholds: np.ndarray
     policy: str
     keep_top: int
+    lowest: float = 0.0  # the lowest score the filter gives: the ROC grid's range
     images: int = 0
     web: int = 0
     synthetic: int = 0
@@ -85,7 +100,7 @@ class Sweep:
         t = self.thresholds
         self.images_kept, self.web_kept, self.synthetic_kept = AtLeast(t), AtLeast(t), AtLeast(t)
         self.noisy_web_kept, self.clean_web_kept = AtLeast(t), AtLeast(t)
-        self.roc_grid = np.linspace(0, 1, ROC_POINTS)
+        self.roc_grid = np.linspace(self.lowest, 1, ROC_POINTS)
         self.noisy_scores, self.clean_scores = AtLeast(self.roc_grid), AtLeast(self.roc_grid)
 
     def add(self, web_score: float | None, synthetic_scores: list[float], noisy: bool | None = None) -> None:
@@ -184,6 +199,14 @@ class Scan:
     truth_note: str = ""
     # Captions each caption rule dropped before scoring, by source (web, synthetic).
     rules: dict[str, Counter] = field(default_factory=lambda: {"web": Counter(), "synthetic": Counter()})
+    kind: ScoreKind = PROBABILITY
+    seen: list[float] = field(default_factory=lambda: [np.inf, -np.inf])  # lowest and highest score: the plots' range
+
+
+def histogram_edges(kind: ScoreKind) -> np.ndarray:
+    """Fixed bins over the whole range a score can take: 40 over a probability's [0, 1], as fine over [-1, 1]."""
+    lowest = LOWEST[kind]
+    return np.linspace(lowest, 1, round(HIST_BINS * (1 - lowest)) + 1)
 
 
 def scan(out: Path, samples: int, seed: int) -> Scan:
@@ -196,12 +219,14 @@ def scan(out: Path, samples: int, seed: int) -> Scan:
     settings = json.loads((out / MANIFEST).read_text()).get("settings", {})
     selection = settings.get("selection") or {}
     policy, threshold = selection.get("policy", "blip"), float(selection.get("threshold", 0.5))
-    result = Scan(settings, Sweep(threshold_grid(threshold), policy, int(selection.get("keep_top", 2))),
-                   {b: Reservoir(samples, f"{seed}/{b}") for b in (OK, DROPPED, ERROR)})
-    edges = np.linspace(0, 1, HIST_BINS + 1)
-    hist = {name: np.zeros(HIST_BINS, dtype=np.int64) for name in ("web_kept", "web_removed", "synthetic_kept",
+    kind = score_kind(settings)
+    result = Scan(settings, Sweep(threshold_grid(threshold), policy, int(selection.get("keep_top", 2)), LOWEST[kind]),
+                  {b: Reservoir(samples, f"{seed}/{b}") for b in (OK, DROPPED, ERROR)}, kind=kind)
+    edges = histogram_edges(kind)
+    hist = {name: np.zeros(len(edges) - 1, dtype=np.int64) for name in ("web_kept", "web_removed", "synthetic_kept",
                                                                    "synthetic_removed")}
     totals = {"read": 0, "written": 0, "dropped": 0, "web_kept": 0, "synthetic_kept": 0, "synthetic_generated": 0,
+              "captions_truncated": 0,
               "errors": Counter()}
     done = set()
     truth_found, misses = False, 0
@@ -211,7 +236,8 @@ def scan(out: Path, samples: int, seed: int) -> Scan:
         stats = json.loads(stats_file.read_text())
         name = stats["shard"]
         done.add(name)
-        for k in ("read", "written", "dropped", "web_kept", "synthetic_kept", "synthetic_generated"):
+        for k in ("read", "written", "dropped", "web_kept", "synthetic_kept", "synthetic_generated",
+                  "captions_truncated"):
             totals[k] += stats.get(k, 0)
         totals["errors"].update(stats["errors"])
         result.shards.append({**{k: stats.get(k) for k in ("shard", "read", "written", "dropped", "duration_s",
@@ -252,9 +278,14 @@ def _add_row(result: Scan, hist, edges, shard: str, row: dict[str, Any], noisy: 
     result.sweep.add(row["web_score"], synthetic, noisy)
     kept = set(row["kept_captions"] or [])
     if row["web_score"] is not None:
-        web_bin = min(int(np.searchsorted(edges, row["web_score"], side="right")) - 1, HIST_BINS - 1)
-        hist["web_kept" if row["web_caption"] in kept else "web_removed"][web_bin] += 1
+        hist["web_kept" if row["web_caption"] in kept else "web_removed"][_bin(edges, row["web_score"])] += 1
     for caption, score in zip(row["synthetic_captions"] or [], row["synthetic_scores"] or []):
         if score is not None:
-            b = min(int(np.searchsorted(edges, score, side="right")) - 1, HIST_BINS - 1)
-            hist["synthetic_kept" if caption in kept else "synthetic_removed"][b] += 1
+            hist["synthetic_kept" if caption in kept else "synthetic_removed"][_bin(edges, score)] += 1
+    for score in [row["web_score"], *synthetic]:
+        if score is not None:
+            result.seen[:] = [min(result.seen[0], score), max(result.seen[1], score)]
+
+
+def _bin(edges: np.ndarray, score: float) -> int:
+    return min(max(int(np.searchsorted(edges, score, side="right")) - 1, 0), len(edges) - 2)

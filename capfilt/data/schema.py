@@ -58,6 +58,20 @@ REPEATED_NGRAMS = "repeated_ngrams"
 UNFINISHED_SENTENCE = "unfinished_sentence"
 CAPTION_RULES = (TOO_FEW_WORDS, TOO_LITTLE_TEXT, MARKUP_OR_CODE, REPEATED_NGRAMS, UNFINISHED_SENTENCE)
 
+# What a filter's scores are. A probability: P(match), from an ITM head, SigLIP's sigmoid or a calibration, where
+# 0.5 means a match and a mismatch are equally likely. A cosine: a CLIP model's image-text cosine similarity (the
+# DataComp "CLIP score"), in [-1, 1] on a scale of its own, which each CLIP model sets differently.
+ScoreKind = Literal["probability", "cosine"]
+PROBABILITY: ScoreKind = "probability"
+COSINE: ScoreKind = "cosine"
+SCORE_LABELS = {PROBABILITY: "P(match)", COSINE: "cosine similarity (CLIP score)"}
+
+
+def score_kind(settings: dict[str, Any]) -> ScoreKind:
+    """The kind of score a run's manifest settings record. No key: a probability, as every run wrote before
+    cosine filters existed (so those outputs still resume)."""
+    return (settings.get("filter") or {}).get("score_kind", PROBABILITY)
+
 ROW_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -138,8 +152,9 @@ def shard_of(name: str) -> str | None:
 
 @dataclass
 class Candidate:
-    """One caption of an image. `score` is P(match) from the filter; `kept` is set by the selection. `rule`: the
-    caption rule it failed (a reason code of CAPTION_RULES), so it was never scored and is never kept."""
+    """One caption of an image. `score` is the filter's (P(match), or a CLIP cosine: `ScoreKind`); `kept` is set
+    by the selection. `rule`: the caption rule it failed (a reason code of CAPTION_RULES), so it was never scored
+    and is never kept."""
 
     caption: str
     source: Literal["web", "synthetic", "human"]  # human: an annotator's caption (the demo's training shards)
@@ -149,9 +164,10 @@ class Candidate:
 
 
 def capfilt_block(candidates: list[Candidate], captioner: str | None, filter: str | None,
-                  selection: dict[str, Any] | None) -> dict[str, Any]:
+                  selection: dict[str, Any] | None, kind: ScoreKind = PROBABILITY) -> dict[str, Any]:
     """The json `capfilt` block of a written sample: every candidate with its source, score and verdict, the
-    models that made and judged them, and the selection (policy, threshold, keep_top for blip2) when judged."""
+    models that made and judged them, and the selection (policy, threshold, keep_top for blip2) when judged;
+    `score_kind` when the scores are not probabilities (absent: P(match), as before cosine filters existed)."""
     block: dict[str, Any] = {
         "candidates": [{"caption": c.caption, "source": c.source, "score": c.score, "kept": c.kept}
                        | ({"rule": c.rule} if c.rule is not None else {}) for c in candidates],
@@ -162,6 +178,8 @@ def capfilt_block(candidates: list[Candidate], captioner: str | None, filter: st
         block.update(policy=selection["policy"], threshold=selection["threshold"])
         if selection["policy"] == "blip2":
             block["keep_top"] = selection["keep_top"]
+        if kind != PROBABILITY:
+            block["score_kind"] = kind
     return block
 
 

@@ -122,6 +122,7 @@ class ShardStats:
     synthetic_generated: int = 0
     synthetic_kept: int = 0
     captions_scored: int = 0
+    captions_truncated: int = 0  # scored captions longer than the filter reads, cut to its text length
     oom_halvings: int = 0  # times a batch ran out of GPU memory and was retried in halves
 
     def count_error(self, reason: str) -> None:

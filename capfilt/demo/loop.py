@@ -366,16 +366,16 @@ def web_raw_scores(fold: Path, device: str, dtype: str = "fp32") -> dict[str, di
     """{raw score: {key: its value for the photo and its web caption}} under the fold's stage-1 filter, for
     both raw scores: how each would rank the corpus, whichever the calibration chose."""
     from capfilt.data.reader import decode_image
-    from capfilt.models.scorer import RAW_SCORES, Scorer
+    from capfilt.models.scorer import Scorer
     from capfilt.settings import ScorerConfig
 
     scorer = Scorer(ScorerConfig(model=str(fold / "stage1"), device=device, dtype=dtype))
     samples = [s for s in _samples(str(fold / CORPUS)) if s.error is None and s.web_caption]
-    scores: dict[str, dict[str, float]] = {kind: {} for kind in RAW_SCORES}
+    scores: dict[str, dict[str, float]] = {kind: {} for kind in scorer.raw_scores}
     for start in range(0, len(samples), 16):
         batch = samples[start : start + 16]
         pixels = [scorer.preprocess(decode_image(s.image)) for s in batch]
-        for kind in RAW_SCORES:
+        for kind in scorer.raw_scores:
             values = scorer.raw(pixels, [[s.web_caption] for s in batch], kind)
             scores[kind].update({s.key: v[0] for s, v in zip(batch, values)})
     return scores

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
@@ -56,8 +57,13 @@ KINDS = {
     "Blip2ForImageTextRetrieval": ("a BLIP-2 image-text matching (ITM) checkpoint", "Salesforce/blip2-itm-vit-g"),
     "InstructBlipForConditionalGeneration": ("an InstructBLIP checkpoint", "Salesforce/instructblip-flan-t5-xl"),
     "QFormerModel": ("a capfilt Q-Former", "a `capfilt pretrain` run"),
+    "CLIPModel": ("a CLIP checkpoint (OpenAI, LAION, DFN, MetaCLIP)", "openai/clip-vit-base-patch32"),
+    "MetaClip2Model": ("a MetaCLIP 2 checkpoint", "facebook/metaclip-2-worldwide-huge-quickgelu"),
+    "SiglipModel": ("a SigLIP or fixed-resolution SigLIP 2 checkpoint", "google/siglip-so400m-patch14-384"),
+    "Siglip2Model": ("a SigLIP 2 NaFlex checkpoint", "google/siglip2-base-patch16-naflex"),
 }
-_MODEL_TYPES = {"blip": "a BLIP", "blip-2": "a BLIP-2", "instructblip": "an InstructBLIP"}
+_MODEL_TYPES = {"blip": "a BLIP", "blip-2": "a BLIP-2", "instructblip": "an InstructBLIP", "clip": "a CLIP",
+                "siglip": "a SigLIP", "siglip2": "a SigLIP 2", "metaclip_2": "a MetaCLIP 2"}
 
 
 def _family(model_type: str) -> str:
@@ -111,8 +117,9 @@ def load_config(name: str, role: str) -> PretrainedConfig:
 def load_tokenizer(name: str, role: str, subfolder: str = ""):
     try:
         return AutoTokenizer.from_pretrained(name, subfolder=subfolder)
-    except (OSError, ValueError, TypeError) as exc:
-        raise CapfiltError(f"{role} {name!r} has no usable tokenizer: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError, TypeError, ImportError) as exc:  # ImportError: SigLIP's needs sentencepiece
+        first_line = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise CapfiltError(f"{role} {name!r} has no usable tokenizer: {first_line}") from None
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,22 @@ class PixelPreprocess:
         return self.transform.signature
 
 
+@dataclass(frozen=True)
+class ProcessorPreprocess:
+    """The `Preprocess` of a model that takes all its image processor gives, as it gives it (SigLIP 2 NaFlex:
+    patches at the image's own aspect ratio padded to a fixed count, their mask, the patch grid): one image ->
+    those tensors, each (1, ...), so that rows concatenate into a batch."""
+
+    processor: Any
+
+    def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        return dict(self.processor(images=[image], return_tensors="pt"))
+
+    @property
+    def signature(self) -> str:
+        return self.processor.to_json_string()
+
+
 def stack_pixels(inputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     """(B, 3, H, W) from B `PixelPreprocess` rows; a single row is used as is (no copy)."""
     rows = [one["pixel_values"] for one in inputs]
@@ -153,14 +176,16 @@ def stack_pixels(inputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
 
 
 # Towers whose position embeddings fix the input to their `image_size` square (no interpolation).
-FIXED_GRID = ("blip_vision_model", "blip_2_vision_model", "instructblip_vision_model")
+FIXED_GRID = ("blip_vision_model", "blip_2_vision_model", "instructblip_vision_model", "clip_vision_model",
+              "siglip_vision_model", "metaclip_2_vision_model")
 
 
 def load_image_transform(name: str, vision_config: PretrainedConfig) -> ImageTransform:
-    """The checkpoint's own image processor. For a BLIP-family tower it must give the `image_size` square the
-    tower takes (BLIP resizes to a square; an older upload's `{"shortest_edge": 384}` keeps the aspect ratio
-    and would not fit the position embeddings), so a BLIP processor is made to, and any other that does not is
-    refused. BLIP's (bicubic resize, CLIP mean/std) at that size if the checkpoint has none."""
+    """The checkpoint's own image processor. For a tower of fixed grid (BLIP family, CLIP, SigLIP) it must give
+    the `image_size` square the tower takes (BLIP resizes to a square; an older upload's `{"shortest_edge": 384}`
+    keeps the aspect ratio and would not fit the position embeddings), so a BLIP processor is made to, and any
+    other that does not is refused. BLIP's (bicubic resize, CLIP mean/std) at that size if the checkpoint has
+    none."""
     image_size = vision_config.image_size
     square = {"height": image_size, "width": image_size}
     try:
@@ -172,7 +197,7 @@ def load_image_transform(name: str, vision_config: PretrainedConfig) -> ImageTra
         image_processor = None
     if image_processor is None:
         return ImageTransform(BlipImageProcessorPil(size=square))
-    if vision_config.model_type not in FIXED_GRID:  # DINOv2, CLIP...: their own crops, interpolated if need be
+    if vision_config.model_type not in FIXED_GRID:  # DINOv2...: their own crops, interpolated if need be
         return ImageTransform(image_processor)
     settings = image_processor.to_dict()
     size = {k: v for k, v in (settings.get("size") or {}).items() if v is not None}

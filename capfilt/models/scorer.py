@@ -1,11 +1,18 @@
-"""Filter scorer: P(match) from an image-text matching head (BLIP or BLIP-2) for every caption of every image.
+"""Filter scorers: a score for every caption of every image, from one of two kinds of filter.
+
+- An image-text matching head (BLIP, BLIP-2, a capfilt Q-Former): P(match). Two raw scores: `itm`, the head's
+  logit margin (its own P(match) is the sigmoid of it), and `itc`, the contrastive similarity (BLIP's [CLS]
+  features; BLIP-2's best query).
+- A CLIP-family dual encoder (CLIP, MetaCLIP 2, SigLIP): the cosine of the image's and the caption's embeddings.
+  CLIP's score is that cosine (the DataComp "CLIP score"); SigLIP, trained with a pairwise sigmoid loss, has a
+  match probability of its own, sigmoid(exp(logit_scale) * cosine + logit_bias), its raw score the `logit`
+  inside. Both equal what the model's own forward gives (`logits_per_image`, its scale and bias).
 
 Each image goes through the vision tower once; its embedding is then shared by all of its captions, so K+1
-captions cost one ViT pass and K+1 passes of the (much smaller) text encoder or Q-Former.
-
-Two raw scores: `itm`, the matching head's logit margin (its own P(match) is the sigmoid of it), and `itc`, the
-contrastive similarity (BLIP's [CLS] features; BLIP-2's best query). With a `Calibration` (`capfilt
-calibrate`) the score is P(match) = sigmoid(slope * raw + bias) fitted on held-out human pairs instead.
+captions cost one ViT pass and K+1 passes of the (much smaller) text encoder or Q-Former. Captions longer than
+the text side reads are cut (special tokens kept, as the tokenizer's own truncation does; DataComp cuts CLIP's at
+77 tokens the same way) and counted. With a `Calibration` (`capfilt calibrate`) the score is P(match) =
+sigmoid(slope * raw + bias) fitted on held-out human pairs instead.
 """
 
 from __future__ import annotations
@@ -19,12 +26,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import Blip2ForImageTextRetrieval, BlipForImageTextRetrieval
+from transformers import (
+    AutoImageProcessor,
+    Blip2ForImageTextRetrieval,
+    BlipForImageTextRetrieval,
+    CLIPModel,
+    MetaClip2Model,
+    Siglip2Model,
+    SiglipModel,
+)
 
 from capfilt.errors import CapfiltError
 from capfilt.models import losses
 from capfilt.models.loading import (
     PixelPreprocess,
+    ProcessorPreprocess,
+    load_config,
     load_image_transform,
     load_model,
     load_tokenizer,
@@ -37,10 +54,19 @@ from capfilt.settings import ScorerConfig
 
 logger = logging.getLogger(__name__)
 
-SCORER_CLASSES = {"blip": BlipForImageTextRetrieval, "blip-2": Blip2ForImageTextRetrieval,
-                  CAPFILT_QFORMER: QFormerModel}
+ITM_CLASSES = {"blip": BlipForImageTextRetrieval, "blip-2": Blip2ForImageTextRetrieval,
+               CAPFILT_QFORMER: QFormerModel}
+# By the config's model_type, as transformers' AutoModel maps it: MetaCLIP (1), LAION's and DFN's CLIPs are "clip";
+# the fixed-resolution SigLIP 2 checkpoints are "siglip" (with a Gemma tokenizer), the NaFlex ones "siglip2".
+DUAL_ENCODER_CLASSES = {"clip": CLIPModel, "metaclip_2": MetaClip2Model, "siglip": SiglipModel,
+                        "siglip2": Siglip2Model}
+SCORER_CLASSES = {**ITM_CLASSES, **DUAL_ENCODER_CLASSES}
+# SigLIP 2 NaFlex: each image as patches at its own aspect ratio, padded to a fixed count, with their mask and grid.
+NAFLEX = "siglip2"
 ENC_TOKEN, DEC_TOKEN = "[ENC]", "[DEC]"
-RAW_SCORES = ("itm", "itc")
+RAW_SCORES = ("itm", "itc")  # an ITM filter's
+CLIP_RAW, SIGLIP_RAW = ("cosine",), ("logit",)
+ALL_RAW_SCORES = RAW_SCORES + CLIP_RAW + SIGLIP_RAW
 CALIBRATION_FORMAT = "capfilt-calibration/1"
 
 
@@ -57,7 +83,7 @@ class Calibration:
     match and a mismatch weigh the same, so that 0.5 is where both are equally likely. Written by `capfilt
     calibrate` (its `auc` and `pairs` say what it was measured on)."""
 
-    score: str  # one of RAW_SCORES
+    score: str  # one of ALL_RAW_SCORES, one its filter has
     slope: float
     bias: float
     filter: str  # the model it was fitted for, as named then
@@ -80,7 +106,7 @@ class Calibration:
             if not isinstance(data, dict) or data.pop("format", None) != CALIBRATION_FORMAT:
                 raise ValueError(f"not a {CALIBRATION_FORMAT} file")
             calibration = cls(**data)
-            if calibration.score not in RAW_SCORES or not (math.isfinite(calibration.slope)
+            if calibration.score not in ALL_RAW_SCORES or not (math.isfinite(calibration.slope)
                                                            and math.isfinite(calibration.bias)):
                 raise ValueError(f"score {calibration.score!r}, slope {calibration.slope}, bias {calibration.bias}")
         except (OSError, ValueError, TypeError) as exc:
@@ -113,27 +139,53 @@ def same_model(a: str, b: str) -> bool:
     return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
 
 
-class Scorer:
-    """`scorer(inputs, texts)` -> P(match) per caption, shaped like `texts`: the ITM head's own, or the
-    calibrated one of `config.calibration`.
+def encode(tokenizer, texts: list[str], max_length: int, pad_to_max: bool, mask: bool = True):
+    """`texts` tokenized and cut to `max_length` tokens by the tokenizer's own truncation (its special tokens
+    kept), padded to the longest or (`pad_to_max`) to `max_length`: (tensors, how many texts were cut). A text
+    is cut when its tokens run past `max_length`: tokenizing to one token more tells, without a warning or a
+    pass over the whole of a long text's tokens."""
+    encoded = tokenizer(texts, truncation=True, max_length=max_length + 1)
+    long = [i for i, ids in enumerate(encoded["input_ids"]) if len(ids) > max_length]
+    if long:
+        cut = tokenizer([texts[i] for i in long], truncation=True, max_length=max_length)
+        for key in encoded.keys():
+            for i, row in zip(long, cut[key]):
+                encoded[key][i] = row
+    tokens = tokenizer.pad(encoded, padding="max_length" if pad_to_max else "longest", max_length=max_length,
+                           return_tensors="pt")
+    if not mask:
+        tokens.pop("attention_mask", None)
+    return tokens, len(long)
 
+
+class Scorer:
+    """`scorer(inputs, texts)` -> a score per caption, shaped like `texts`: the filter's own (an ITM head's
+    P(match), SigLIP's match probability, CLIP's cosine), or the calibrated P(match) of `config.calibration`.
+
+    `Scorer(config)` builds the kind the checkpoint's config names (`ItmScorer` or `DualEncoderScorer`).
     inputs: one entry per image from `self.preprocess` (see capfilt.data.reader); texts: B lists of captions (any
     lengths).
     """
+
+    cosine = False  # whether the scores are cosine similarities rather than probabilities
+    raw_scores: tuple[str, ...] = ()  # the raw scores `raw` gives and a calibration may be fitted on
+
+    def __new__(cls, config: ScorerConfig):
+        if cls is Scorer:
+            cls = scorer_class(config.model)
+        return super().__new__(cls)
 
     def __init__(self, config: ScorerConfig):
         self.config = config
         self.calibration = Calibration.read(config.calibration) if config.calibration else None  # before the model
         self.model = load_model(config.model, "filter", SCORER_CLASSES, config.device, config.dtype)
         self.tokenizer = load_tokenizer(config.model, "filter")
-        self.is_capfilt = self.model.config.model_type == CAPFILT_QFORMER
-        self.is_blip2 = self.model.config.model_type == "blip-2"
-        self.max_text_length = config.max_text_length or (
-            self.model.config.max_text_length if self.is_capfilt else 32 if self.is_blip2 else 35)
-        self.first_token = None
-        if not (self.is_blip2 or self.is_capfilt):
-            self.first_token = enc_token_id(self.tokenizer, self.model.config.text_config, config.model)
-        self.preprocess = PixelPreprocess(load_image_transform(config.model, self.model.config.vision_config))
+        self.captions_truncated = 0  # captions cut to max_text_length, over this scorer's calls
+        self._last_truncated = 0
+        if self.calibration is not None and self.calibration.score not in self.raw_scores:
+            raise CapfiltError(f"--calibration {config.calibration} was fitted on the {self.calibration.score!r} "
+                               f"score, which filter {config.model!r} does not give (it gives "
+                               f"{', '.join(self.raw_scores)}): calibrate this filter")
         if self.calibration is not None and not same_model(self.calibration.filter, config.model):
             logger.warning(f"--calibration {config.calibration} was fitted for {self.calibration.filter!r}, not "
                            f"{config.model!r}: it holds only if that is the same model")
@@ -143,10 +195,132 @@ class Scorer:
         return self.model.device
 
     def __call__(self, inputs: list[dict[str, torch.Tensor]], texts: list[list[str]]) -> list[list[float]]:
-        if self.calibration is None:  # the head's own P(match) = softmax of its two logits
-            return self.raw(inputs, texts, "itm", margin=False)
-        return [[self.calibration(v) for v in group]
-                for group in self.raw(inputs, texts, self.calibration.score)]
+        if self.calibration is None:
+            scores = self.own(inputs, texts)
+        else:
+            scores = [[self.calibration(v) for v in group]
+                      for group in self.raw(inputs, texts, self.calibration.score)]
+        self.captions_truncated += self._last_truncated  # counted once the batch is scored (an OOM retries it)
+        return scores
+
+    def own(self, inputs: list[dict[str, torch.Tensor]], texts: list[list[str]]) -> list[list[float]]:
+        """The filter's own score, uncalibrated."""
+        raise NotImplementedError
+
+    def raw(self, inputs: list[dict[str, torch.Tensor]], texts: list[list[str]], kind: str) -> list[list[float]]:
+        """Raw scores of `kind` (one of `raw_scores`), shaped like `texts`."""
+        raise NotImplementedError
+
+    def _tokens(self, flat: list[str], pad_to_max: bool = False, mask: bool = True):
+        tokens, self._last_truncated = encode(self.tokenizer, flat, self.max_text_length, pad_to_max, mask)
+        return tokens.to(self.device)
+
+
+def scorer_class(name: str) -> type[Scorer]:
+    """The scorer for the checkpoint `name`, by its config's model_type (a dual encoder's, else an ITM head's,
+    which also refuses what is neither)."""
+    model_type = load_config(name, "filter").model_type
+    return DualEncoderScorer if model_type in DUAL_ENCODER_CLASSES else ItmScorer
+
+
+def _split(scores: list[float], texts: list[list[str]]) -> list[list[float]]:
+    out, start = [], 0
+    for group in texts:
+        out.append(scores[start : start + len(group)])
+        start += len(group)
+    return out
+
+
+class DualEncoderScorer(Scorer):
+    """CLIP, MetaCLIP 2, SigLIP or SigLIP 2: the cosine of each caption's embedding to its image's. SigLIP (the
+    model with a `logit_bias`: its pairwise sigmoid loss) scores P(match) = sigmoid(exp(logit_scale) * cosine +
+    logit_bias), its raw score the logit; CLIP scores the cosine itself, which is also its raw score. A NaFlex
+    SigLIP 2 takes whatever its image processor gives (patches, their mask and grid), collated per key."""
+
+    @property
+    def sigmoid_loss(self) -> bool:
+        """Trained with SigLIP's pairwise sigmoid loss, whose learnt bias makes its logit a match log-odds."""
+        return hasattr(self.model, "logit_bias")
+
+    @property
+    def raw_scores(self) -> tuple[str, ...]:
+        return SIGLIP_RAW if self.sigmoid_loss else CLIP_RAW
+
+    @property
+    def cosine(self) -> bool:
+        return not self.sigmoid_loss and self.calibration is None
+
+    def __init__(self, config: ScorerConfig):
+        super().__init__(config)
+        positions = self.model.config.text_config.max_position_embeddings
+        self.max_text_length = config.max_text_length or positions
+        if self.max_text_length > positions:
+            raise CapfiltError(f"filter {config.model!r} reads at most {positions} caption tokens, not "
+                               f"{self.max_text_length}")
+        # SigLIP was trained on texts padded to its full length and pools the last position: pad to it, as its
+        # processor does. The attention mask goes in only where the tokenizer gives one (SigLIP's does not).
+        self.pad_to_max = self.sigmoid_loss
+        self.mask = "attention_mask" in self.tokenizer.model_input_names
+        if self.model.config.model_type == NAFLEX:  # no fixed square: its own processor's patches, as they come
+            self.preprocess = ProcessorPreprocess(_image_processor(config.model))
+        else:
+            self.preprocess = PixelPreprocess(load_image_transform(config.model, self.model.config.vision_config))
+
+    def own(self, inputs: list[dict[str, torch.Tensor]], texts: list[list[str]]) -> list[list[float]]:
+        if not self.sigmoid_loss:
+            return self.raw(inputs, texts, "cosine")
+        return [[sigmoid(v) for v in group] for group in self.raw(inputs, texts, "logit")]
+
+    @torch.inference_mode()
+    def raw(self, inputs: list[dict[str, torch.Tensor]], texts: list[list[str]], kind: str) -> list[list[float]]:
+        if kind not in self.raw_scores:
+            raise ValueError(f"unknown raw score {kind!r}: one of {self.raw_scores}")
+        flat = [t for group in texts for t in group]
+        self._last_truncated = 0
+        if not flat:
+            return [[] for _ in texts]
+        owner = torch.tensor([i for i, group in enumerate(texts) for _ in group], device=self.device)
+        dtype = vision_dtype(self.model)
+        image_inputs = {key: torch.cat([one[key] for one in inputs]) for key in inputs[0]}  # (B, ...) each
+        image_inputs = {key: value.to(self.device, dtype if value.is_floating_point() else value.dtype,
+                                      non_blocking=True) for key, value in image_inputs.items()}
+        image = self.model.get_image_features(**image_inputs).pooler_output  # (B, E)
+        tokens = self._tokens(flat, self.pad_to_max, self.mask)
+        text = self.model.get_text_features(**tokens).pooler_output  # (T, E)
+        # fp32 from here: the cosine and its scale as the model's own forward computes them in fp32.
+        image, text = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+        scores = losses.paired_similarities(image.index_select(0, owner)[:, None, :], text)
+        if kind == "logit":
+            scores = scores * self.model.logit_scale.float().exp() + self.model.logit_bias.float()
+        return _split(scores.tolist(), texts)
+
+
+def _image_processor(name: str):
+    try:
+        return AutoImageProcessor.from_pretrained(name)
+    except (OSError, ValueError, TypeError) as exc:
+        first_line = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise CapfiltError(f"filter {name!r} has no usable image processor: {first_line}") from None
+
+
+class ItmScorer(Scorer):
+    """BLIP, BLIP-2 or a capfilt Q-Former: the ITM head's P(match) (softmax of its two logits)."""
+
+    raw_scores = RAW_SCORES
+
+    def __init__(self, config: ScorerConfig):
+        super().__init__(config)
+        self.is_capfilt = self.model.config.model_type == CAPFILT_QFORMER
+        self.is_blip2 = self.model.config.model_type == "blip-2"
+        self.max_text_length = config.max_text_length or (
+            self.model.config.max_text_length if self.is_capfilt else 32 if self.is_blip2 else 35)
+        self.first_token = None
+        if not (self.is_blip2 or self.is_capfilt):
+            self.first_token = enc_token_id(self.tokenizer, self.model.config.text_config, config.model)
+        self.preprocess = PixelPreprocess(load_image_transform(config.model, self.model.config.vision_config))
+
+    def own(self, inputs: list[dict[str, torch.Tensor]], texts: list[list[str]]) -> list[list[float]]:
+        return self.raw(inputs, texts, "itm", margin=False)
 
     @torch.inference_mode()
     def raw(self, inputs: list[dict[str, torch.Tensor]], texts: list[list[str]], kind: str, margin: bool = True
@@ -157,6 +331,7 @@ class Scorer:
             raise ValueError(f"unknown raw score {kind!r}: one of {RAW_SCORES}")
         owner = torch.tensor([i for i, group in enumerate(texts) for _ in group], device=self.device)
         flat = [t for group in texts for t in group]
+        self._last_truncated = 0
         if not flat:
             return [[] for _ in texts]
         pixel_values = stack_pixels(inputs).to(self.device, vision_dtype(self.model), non_blocking=True)
@@ -166,9 +341,7 @@ class Scorer:
             # Called as the captioner's generate calls it, so a tower shared with it answers from its last call.
             kwargs = {"return_dict": True} if self.is_blip2 else {}
             image_embeds = self.model.vision_model(pixel_values, **kwargs).last_hidden_state  # (B, N, D)
-        tokens = self.tokenizer(
-            flat, padding="longest", truncation=True, max_length=self.max_text_length, return_tensors="pt"
-        ).to(self.device)
+        tokens = self._tokens(flat)
         if kind == "itc":
             scores = self._itc(image_embeds, tokens, owner)
         else:
@@ -181,12 +354,7 @@ class Scorer:
                 logits = self._itm_logits(image_embeds, tokens)
             logits = logits.float()
             scores = logits[:, 1] - logits[:, 0] if margin else logits.softmax(dim=-1)[:, 1]
-        scores = scores.tolist()
-        out, start = [], 0
-        for group in texts:
-            out.append(scores[start : start + len(group)])
-            start += len(group)
-        return out
+        return _split(scores.tolist(), texts)
 
     def _itc(self, image_embeds: torch.Tensor, tokens, owner: torch.Tensor) -> torch.Tensor:
         """The contrastive similarity of each caption to its image, (T,): image and text features from the
