@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -82,6 +83,12 @@ def main() -> None:
         print(f"{title}: dropped {sum(r is not None for r in rules)}/{len(examples)} (as synthetic captions)")
         for caption, rule in zip(examples, rules):
             print(f"    {rule or 'KEPT':<20} {caption!r}")
+    # The rules run in the main process, on captions up to --max-json-bytes (1 MiB) long: each must be linear.
+    for title, text in (("1 MiB of one word", "a man with " + "a" * 2**20 + " dog"),
+                        ("1 MiB of a_", "a man " + "a_" * 2**19), ("1 MiB of '<a '", "a " + "<a " * (2**20 // 3))):
+        began = time.perf_counter()
+        rule = caption_rule(text, config, synthetic=True)
+        print(f"{title}: judged in {time.perf_counter() - began:.2f} s ({rule or 'KEPT'})")
 
 
 if __name__ == "__main__":

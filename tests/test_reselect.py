@@ -59,6 +59,14 @@ def test_select_resumes_and_never_alters_the_recorded_run(shards, tmp_path, tiny
     again = cli("select", shards, "--from", recorded, "--out", out, "--threshold", 0.3, "-q")
     assert again.exit_code == 0 and "0 shards done, 3 already done" in again.output
     assert outputs(out) == first
+    # A killed attempt leaves its shard unfinished with a temporary file under a name unique to it: the resume
+    # redoes the shard to the same bytes and leaves no temporary file behind.
+    shard = sorted(p for p in out.glob("*_stats.json"))[0].name.removesuffix("_stats.json")
+    (out / f"{shard}_stats.json").unlink()
+    (out / f"{shard}.tar.4242-0123abcd.tmp").write_bytes(b"half a tar")
+    resumed = cli("select", shards, "--from", recorded, "--out", out, "--threshold", 0.3, "-q")
+    assert resumed.exit_code == 0 and "1 shards done, 2 already done" in resumed.output
+    assert outputs(out) == first and not list(out.glob("*.tmp"))
     other = cli("select", shards, "--from", recorded, "--out", out, "--threshold", 0.4, "-q")
     assert other.exit_code == 2 and "other settings (selection)" in other.output
     same = cli("select", shards, "--from", recorded, "--out", recorded, "-q")

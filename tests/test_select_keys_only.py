@@ -94,6 +94,7 @@ def test_a_training_job_reading_the_keys_sees_what_a_full_select_writes(recorded
     manifest = json.loads((tmp_path / "full" / "capfilt_run.json").read_text())["settings"]
     assert header["selection"] == manifest["selection"]
     assert header["fraction"] == manifest.get("fraction")
+    assert header["score_kind"] == "probability"  # what `score` means: a P(match), not a cosine
 
 
 def test_synthetic_captions_are_chosen_where_they_score_best(recorded, tmp_path):

@@ -254,6 +254,12 @@ class Claims:
         took it over first, or its holder came back), which is then put back."""
         aside = path.with_name(f".{path.name}.{self.token}{_ASIDE}")
         try:
+            # Look again right before the rename: a peer that took the shard over since our first look holds a
+            # fresh claim, and moving it aside, even for a moment, could let a third process claim the shard and
+            # cost the live holder its work. (Only a takeover in the instant between this look and the rename
+            # still can; the holder then finds out before it publishes, so it costs work, never output.)
+            if _read_claim(path).get("token") != holder.get("token"):
+                return False
             os.rename(path, aside)
         except FileNotFoundError:  # gone already: free to claim
             return True

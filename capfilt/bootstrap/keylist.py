@@ -25,7 +25,7 @@ from capfilt.bootstrap.reselect import recorded_settings, resolve_selection
 from capfilt.bootstrap.selection import select
 from capfilt.data import reader
 from capfilt.data.files import TMP_SUFFIX, publish
-from capfilt.data.schema import ERROR, KEYS_META, KEYS_SCHEMA, row_candidates, stats_path
+from capfilt.data.schema import ERROR, KEYS_META, KEYS_SCHEMA, row_candidates, score_kind, stats_path
 from capfilt.errors import CapfiltError
 from capfilt.settings import SelectConfig, SelectionConfig
 
@@ -79,7 +79,8 @@ def select_keys(config: SelectConfig) -> KeysSummary:
     selection, fraction = resolve_selection(config, source, settings, urls)
     header = {"selected_from": str(source.resolve()), "selection": dict(selection.__dict__),
               "fraction": fraction.as_dict() if fraction is not None else None,
-              "filter": settings["filter"].get("model"), "caption_rules": settings.get("caption_rules")}
+              "filter": settings["filter"].get("model"), "score_kind": score_kind(settings),
+              "caption_rules": settings.get("caption_rules")}
     summary = write_keys(path, source, urls, selection, header)
     summary.fraction = fraction
     return summary

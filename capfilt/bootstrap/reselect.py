@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import defaultdict, deque
 from pathlib import Path
@@ -20,7 +21,15 @@ from tqdm.auto import tqdm
 from capfilt.bootstrap.fraction import FractionThreshold, fraction_threshold
 from capfilt.bootstrap.outcome import RunSummary, input_location, write_candidates
 from capfilt.data import reader
-from capfilt.data.schema import ERROR, MANIFEST, NO_RECORDED_SCORES, row_candidates, score_kind, stats_path
+from capfilt.data.schema import (
+    ERROR,
+    MANIFEST,
+    NO_RECORDED_SCORES,
+    is_shard_temporary,
+    row_candidates,
+    score_kind,
+    stats_path,
+)
 from capfilt.data.text import clean_caption
 from capfilt.data.writer import ShardWriter, check_apart_from_inputs, prepare_output
 from capfilt.errors import CapfiltError
@@ -113,6 +122,11 @@ def _select_shard(url, source: Path, out: Path, selection: SelectionConfig, ids,
                   limits: reader.MemberLimits) -> dict:
     name = reader.shard_name(url)
     rows, recorded_stats = _recorded_rows(source, name)
+    # `select` is one process with no claims: a temporary file of this shard is a killed attempt's, and with
+    # names unique per attempt nothing else would ever remove it.
+    for entry in os.scandir(out):
+        if is_shard_temporary(entry.name, name):
+            os.unlink(entry.path)
     writer = ShardWriter(out, name)
     stats, began = writer.stats, time.perf_counter()
     if recorded_stats is not None:

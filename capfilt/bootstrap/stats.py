@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from capfilt.bootstrap.claims import ClaimView, survey
-from capfilt.data.schema import MANIFEST, PROBABILITY, SCORE_LABELS, ScoreKind, score_kind, shard_of, stats_path
-from capfilt.data.writer import recorded_shards
+from capfilt.data.schema import MANIFEST, PROBABILITY, SCORE_LABELS, ScoreKind, score_kind, stats_path
+from capfilt.data.writer import recorded_shards, unfinished_shards
 from capfilt.errors import CapfiltError
 from capfilt.settings import RunConfig
 
@@ -83,8 +83,7 @@ def summarize(out: Path) -> OutputReport:
     report.web_scored, report.synthetic_scored = len(web_scores), len(synthetic_scores)
     report.web_score_quantiles = _quantiles(web_scores)
     report.synthetic_score_quantiles = _quantiles(synthetic_scores)
-    started = {shard_of(p.name) for p in out.iterdir()}  # any file of a shard, temporary ones included
-    report.shards_unfinished = sorted(s for s in shards if s not in done and s in started)
+    report.shards_unfinished = unfinished_shards(out, shards, done)
     report.claims = [c for c in survey(out, RunConfig.claim_timeout) if c.shard not in done]
     return report
 

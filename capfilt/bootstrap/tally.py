@@ -24,10 +24,9 @@ from capfilt.data.schema import (
     PROBABILITY,
     ScoreKind,
     score_kind,
-    shard_of,
     stats_path,
 )
-from capfilt.data.writer import recorded_shards
+from capfilt.data.writer import recorded_shards, unfinished_shards
 from capfilt.errors import CapfiltError
 
 # Where inputs carry planted noise: the demo corpus (`shards/build_demo.py`) and `capfilt synth`.
@@ -257,8 +256,7 @@ def scan(out: Path, samples: int, seed: int) -> Scan:
         for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns):
             for row in batch.to_pylist():
                 _add_row(result, hist, edges, name, row, truth.get(row["key"]))
-    started = {shard_of(p.name) for p in out.iterdir()}  # any file of a shard, per-process temporary ones too
-    result.unfinished = sorted(s for s in shards if s not in done and s in started)
+    result.unfinished = unfinished_shards(out, shards, done)
     result.totals, result.hist = totals, hist
     result.totals["shards"] = len(done)
     return result

@@ -37,7 +37,9 @@ _MARKUP = {
     "hex number": re.compile(r"\b0x[0-9A-Fa-f]+"),
     # A run of 8+ hex digits mixing digits and letters: hashes, UUID parts (`5329b7fe`); not words, not years.
     "hex id": re.compile(r"\b(?=[0-9A-Fa-f]*[0-9])(?=[0-9A-Fa-f]*[A-Fa-f])[0-9A-Fa-f]{8,}\b"),
-    "code": re.compile(r"[{}\\]|\w\(\)|\w+_\w+_\w+|[=!<>]=|=>|::"),
+    # `a_b_c` as one letter-underscore-letter anchor: `\w+_\w+_\w+` backtracks quadratically on a long word (a
+    # 64 KiB caption took 8 s) and the rules run in the main process.
+    "code": re.compile(r"[{}\\]|\w\(\)|[^\W_]_[^\W_]+_[^\W_]|[=!<>]=|=>|::"),
 }
 
 # Words no English caption ends on: articles, the prepositions and conjunctions that need what follows,

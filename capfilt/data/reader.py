@@ -449,5 +449,10 @@ def stream_batches(stream: ShardStream, workers: int, pin_memory: bool = False) 
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
         worker_init_fn=die_with_parent if workers else None,
+        # Take each worker's batches as they come. In order, a worker waiting for a shard another process holds
+        # would stall the others' ready batches, and two processes whose waiting workers each wait on a shard the
+        # other's stalled worker holds would deadlock. A worker reads whole shards, so each shard's batches still
+        # arrive in order, and a shard's output depends on its own batches only.
+        in_order=False,
     )
     return iter(loader)

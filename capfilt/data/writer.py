@@ -106,6 +106,13 @@ def _delete_run(out: Path, shards: list[str]) -> None:
     shutil.rmtree(out / CLAIMS, ignore_errors=True)
 
 
+def unfinished_shards(out: Path, shards: list[str], done: set[str]) -> list[str]:
+    """The shards of `shards` not in `done` that some process started: any file of theirs in `out`, a per-process
+    temporary one included."""
+    started = {shard_of(p.name) for p in out.iterdir()}
+    return sorted(s for s in shards if s not in done and s in started)
+
+
 def all_done(out: Path) -> bool:
     """Every shard the output's runs took on has its stats file."""
     shards = recorded_shards(out)

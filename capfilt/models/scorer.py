@@ -297,8 +297,10 @@ class DualEncoderScorer(Scorer):
 
 def _image_processor(name: str):
     try:
-        return AutoImageProcessor.from_pretrained(name)
-    except (OSError, ValueError, TypeError) as exc:
+        # The PIL processor on every machine: where torchvision is installed, the auto class would pick the
+        # torchvision one, whose resizing gives other pixels, and a run resumed elsewhere would write other bytes.
+        return AutoImageProcessor.from_pretrained(name, backend="pil")
+    except (OSError, ValueError, TypeError, ImportError) as exc:
         first_line = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise CapfiltError(f"filter {name!r} has no usable image processor: {first_line}") from None
 
