@@ -169,8 +169,11 @@ class ProcessorPreprocess:
         return self.processor.to_json_string()
 
 
-def stack_pixels(inputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """(B, 3, H, W) from B `PixelPreprocess` rows; a single row is used as is (no copy)."""
+def stack_pixels(inputs: list[dict[str, torch.Tensor]] | torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) from B `PixelPreprocess` rows; a single row is used as is (no copy). A (B, 3, H, W) tensor,
+    as a caller of the BLIP-family models from Python hands them, is taken as it is."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs
     rows = [one["pixel_values"] for one in inputs]
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
