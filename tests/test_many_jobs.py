@@ -120,7 +120,10 @@ def _clean(out: Path) -> None:
 
 def test_three_jobs_compute_each_shard_once_and_write_one_process_bytes(shards, reference, tmp_path, tiny_models):
     out = tmp_path / "out"
-    jobs = [Job(job_id, shards, out, tiny_models, "--workers", "1") for job_id in ("A", "B", "C")]
+    # Two of them with two decode workers, each worker claiming shards itself: a worker waiting for a shard
+    # another job holds must not hold up its process's other worker (the DataLoader takes batches as they come).
+    jobs = [Job(job_id, shards, out, tiny_models, "--workers", workers) for job_id, workers in
+            (("A", "2"), ("B", "2"), ("C", "1"))]
     for job in jobs:
         assert job.wait() == 0, job.stderr[-3000:]
     # Every shard computed by exactly one of them: their own counts add up, and nobody took over or lost one.
