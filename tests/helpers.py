@@ -3,6 +3,7 @@ input, readers of the files a run writes, and the CLI runner."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tarfile
@@ -113,3 +114,23 @@ def outputs(out: Path) -> dict[str, bytes]:
 def counts(out: Path) -> dict[str, dict]:
     """An output's stats files, timings left out."""
     return {p.name: {k: v for k, v in read_json(p).items() if k not in TIMINGS} for p in out.glob("*_stats.json")}
+
+
+@contextlib.contextmanager
+def interrupted_at_batch(n: int):
+    """Within it, a run is interrupted as its n-th batch starts (Ctrl-C: the run's finally blocks run)."""
+    from capfilt.bootstrap import pipeline  # here: the model code is not for every test that imports helpers
+
+    real_process, calls = pipeline._process, []
+
+    def dies_on_nth_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real_process(*args, **kwargs)
+
+    pipeline._process = dies_on_nth_batch
+    try:
+        yield
+    finally:
+        pipeline._process = real_process

@@ -12,9 +12,19 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import REPO, cli, counts, demo_samples, mixed_shards, outputs, read_json, tar_members, write_tar
+from helpers import (
+    REPO,
+    cli,
+    counts,
+    demo_samples,
+    interrupted_at_batch,
+    mixed_shards,
+    outputs,
+    read_json,
+    tar_members,
+    write_tar,
+)
 
-from capfilt.bootstrap import pipeline
 from capfilt.bootstrap.pipeline import run
 from capfilt.bootstrap.selection import DEFAULT_THRESHOLDS
 from capfilt.data.reader import decode_image
@@ -312,7 +322,7 @@ def test_the_threshold_help_states_the_defaults_it_resolves_to():
 # ------------------------------------------------------------------------------------------------ resume
 
 
-def test_a_killed_run_with_a_clip_filter_resumes_to_the_same_bytes(filters, tiny_models, tmp_path, monkeypatch):
+def test_a_killed_run_with_a_clip_filter_resumes_to_the_same_bytes(filters, tiny_models, tmp_path):
     shards = mixed_shards(tmp_path / "in")
     stages = (Captioner(CaptionerConfig(model=tiny_models["blip_captioner"], num_captions=2, device="cpu")),
               Scorer(ScorerConfig(model=filters["clip"], device="cpu")))
@@ -322,19 +332,9 @@ def test_a_killed_run_with_a_clip_filter_resumes_to_the_same_bytes(filters, tiny
         return run(config, captioner=stages[0], scorer=stages[1], selection=SelectionConfig())
 
     whole(tmp_path / "reference")
-    real_process, calls = pipeline._process, []
-
-    def dies_on_fifth_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real_process(*args, **kwargs)
-
     out = tmp_path / "resumed"
-    monkeypatch.setattr(pipeline, "_process", dies_on_fifth_batch)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_batch(5), pytest.raises(KeyboardInterrupt):
         whole(out)
-    monkeypatch.setattr(pipeline, "_process", real_process)
     done_before = {p.name for p in out.glob("*_stats.json")}
     assert 0 < len(done_before) < 4
     summary = whole(out)

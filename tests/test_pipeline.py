@@ -7,7 +7,18 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import bootstrap_args, cli, counts, demo_samples, mixed_shards, outputs, read_json, tar_members, write_tar
+from helpers import (
+    bootstrap_args,
+    cli,
+    counts,
+    demo_samples,
+    interrupted_at_batch,
+    mixed_shards,
+    outputs,
+    read_json,
+    tar_members,
+    write_tar,
+)
 
 from capfilt.bootstrap import pipeline
 from capfilt.bootstrap.pipeline import run
@@ -126,20 +137,10 @@ def _run(shards, out, stages, workers=0):
     return run(config, captioner=stages[0], scorer=stages[1], selection=SelectionConfig(threshold=0.55))
 
 
-def _run_killed_at_batch(n: int, shards, out, stages, monkeypatch) -> None:
+def _run_killed_at_batch(n: int, shards, out, stages) -> None:
     """A run interrupted as its n-th batch starts (Ctrl-C: the finally blocks run)."""
-    real_process, calls = pipeline._process, []
-
-    def dies_on_nth_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == n:
-            raise KeyboardInterrupt
-        return real_process(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "_process", dies_on_nth_batch)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_batch(n), pytest.raises(KeyboardInterrupt):
         _run(shards, out, stages)
-    monkeypatch.setattr(pipeline, "_process", real_process)
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_output(shards, tmp_path, stages, monkeypatch):
@@ -147,7 +148,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_output(shards, tmp_path, s
     _run(shards, reference, stages)
 
     out = tmp_path / "resumed"
-    _run_killed_at_batch(5, shards, out, stages, monkeypatch)
+    _run_killed_at_batch(5, shards, out, stages)
     done_before = {p.name for p in out.glob("*_stats.json")}
     assert 0 < len(done_before) < 4 and not list(out.glob("*.tmp"))
 
@@ -353,7 +354,7 @@ def test_duplicate_keys_write_the_first_sample_once(tmp_path, tiny_models):
 
 def test_a_finished_job_leaves_no_claims_of_dead_attempts(shards, tmp_path, stages, monkeypatch):
     out = tmp_path / "out"
-    _run_killed_at_batch(3, shards, out, stages, monkeypatch)
+    _run_killed_at_batch(3, shards, out, stages)
     # What a SIGKILLed attempt leaves (no finally runs): its claim on the shard it was writing.
     dead = out / ".claims" / "torchrun-first-0"
     dead.mkdir(parents=True)

@@ -18,10 +18,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import cli, demo_samples, outputs, png_bytes, write_tar
+from helpers import cli, demo_samples, interrupted_at_batch, outputs, png_bytes, write_tar
 from transformers import AutoProcessor, BertConfig, GenerationConfig
 
-from capfilt.bootstrap import pipeline
 from capfilt.data.reader import decode_image
 from capfilt.models.captioner import load_captioner
 from capfilt.models.vlm import INSTRUCTION, VlmCaptioner, collate, end_of_text_ids
@@ -181,7 +180,7 @@ def test_caption_through_the_cli_gives_k_captions_without_prompt_or_template(vlm
     assert "max_length" not in manifest["settings"]["captioner"]  # a VLM's lengths are new tokens
 
 
-def test_bootstrap_with_a_vlm_captioner_resumes_to_the_same_bytes(vlms, tiny_models, tmp_path, monkeypatch):
+def test_bootstrap_with_a_vlm_captioner_resumes_to_the_same_bytes(vlms, tiny_models, tmp_path):
     """A Qwen2-VL captioner (image-dependent prompt lengths: left padding matters) and a BLIP filter: a run
     interrupted after its first shard, then rerun, writes what an uninterrupted run writes."""
     inputs = tmp_path / "in"
@@ -193,19 +192,10 @@ def test_bootstrap_with_a_vlm_captioner_resumes_to_the_same_bytes(vlms, tiny_mod
     reference = tmp_path / "reference"
     assert cli("bootstrap", inputs, "--out", reference, *args).exit_code == 0
 
-    real_process, calls = pipeline._process, []
-
-    def dies_on_second_batch(*a, **kw):  # the second shard's
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_process(*a, **kw)
-
     out = tmp_path / "resumed"
-    monkeypatch.setattr(pipeline, "_process", dies_on_second_batch)
-    assert cli("bootstrap", inputs, "--out", out, *args).exit_code != 0
+    with interrupted_at_batch(2):  # the second shard's first batch
+        assert cli("bootstrap", inputs, "--out", out, *args).exit_code != 0
     assert [p.name for p in out.glob("*_stats.json")] == ["a-00000_stats.json"]
-    monkeypatch.setattr(pipeline, "_process", real_process)
     assert cli("bootstrap", inputs, "--out", out, *args).exit_code == 0
     assert outputs(out) == outputs(reference)
     assert all(len(row["synthetic_captions"]) == 2 for row in rows(out) if row["status"] != "error")
